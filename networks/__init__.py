@@ -1,0 +1,1 @@
+"""LoRA network modules (kohya ``networks.*`` protocol)."""

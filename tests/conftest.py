@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random SD1/SD2/SDXL diffusers folders built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A tiny SD1-shaped diffusers folder (U-Net, text encoder, tokenizer, scheduler, VAE)."""
+    return tiny_models.save_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory) -> Path:
+    """A tiny SD2-shaped diffusers folder (linear projections, gelu text encoder)."""
+    return tiny_models.save_tiny_sd(tmp_path_factory.mktemp("tiny_sd2") / "model", v2=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny SDXL-shaped diffusers folder (two text encoders, text_time embeddings, VAE)."""
+    return tiny_models.save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model")

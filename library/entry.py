@@ -1,0 +1,86 @@
+"""``main(argv)`` for both entry scripts: parse, validate, train; user errors become one line + exit 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+from library.errors import UserError
+
+logger = logging.getLogger("leco")
+
+EXIT_USER_ERROR = 2
+EXIT_NON_FINITE = 3
+EXIT_INTERRUPTED = 130
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party chatter (weight-loading bars, deprecation notes) out of the training log."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def _console_handler(level: str) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    handler.setLevel(level)
+    return handler
+
+
+def main(argv: Sequence[str] | None, family: str) -> int:
+    """Run one training from command-line arguments; returns the process exit code.
+
+    0 success (or --help / --output_config), 2 a user error (one line on stderr), 3 the loss became
+    NaN/inf, 130 interrupted (the LoRA was saved first). Callable repeatedly from Python/Colab.
+    """
+    from library.cli import build_run_config, effective_args, parse_namespace, write_config_file
+
+    try:
+        args, _ = parse_namespace(argv, family)
+        if args.output_config:
+            if not args.config_file:
+                raise UserError("--output_config needs --config_file PATH to write to")
+            path = write_config_file(args.config_file, effective_args(args))
+            print(f"wrote {path}")
+            return 0
+        config = build_run_config(args, family)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+    root = logging.getLogger()
+    handler = _console_handler(config.log.console_log_level)
+    previous_level = root.level
+    root.addHandler(handler)
+    root.setLevel(config.log.console_log_level)
+    try:
+        _quiet_libraries()
+        from library.training import NonFiniteLoss, TrainingInterrupted, train
+
+        result = train(config)
+        if result.final_file:
+            logger.info("done: %s", result.final_file)
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)

@@ -1,0 +1,169 @@
+"""One LECO step (DESIGN section 3): draw a setting, make x_t, query the frozen model, regress.
+
+U-Net calls per step: k for the trajectory (CFG halves batched together, none when the denoise
+guidance is 1), one batched call for the frozen predictions (each distinct prompt once, LoRA
+switched off), and one training forward with the LoRA at the setting's multiplier (the only
+call with a gradient).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Sequence
+
+import torch
+
+from library.config import LecoConfig
+from library.diffusion import build_noise_scheduler, initial_latents, legacy_timestep, partial_denoise, snr_table
+from library.prompts import PromptSetting
+from library.targets import build_target, huber_threshold, min_snr_weights, per_sample_loss
+from library.text_encoding import Conditioning, PromptCache
+
+
+def random_resolution(height: int, width: int, generator: torch.Generator, step: int = 64,
+                      max_aspect: float = 2.0) -> tuple[int, int]:
+    """A random aspect-ratio bucket with about the area of ``height x width`` (``dynamic_resolution``).
+
+    Buckets are multiples of ``step`` with aspect ratio within ``[1/max_aspect, max_aspect]`` and
+    area between 80% and 100% of the base area. Unlike sd-scripts' version (which only shrinks and
+    ignores the area), the model keeps seeing images of its usual pixel count.
+    """
+    area = height * width
+    buckets = []
+    for bucket_width in range(step, int(math.sqrt(area * max_aspect)) + step, step):
+        bucket_height = (area // bucket_width) // step * step
+        if bucket_height < step:
+            continue
+        if not 1 / max_aspect <= bucket_width / bucket_height <= max_aspect:
+            continue
+        if bucket_height * bucket_width >= 0.8 * area:
+            buckets.append((bucket_height, bucket_width))
+    if not buckets:
+        return (height, width)
+    return buckets[int(torch.randint(len(buckets), (), generator=generator))]
+
+
+@dataclass
+class StepResult:
+    """What one micro-step produced (for logging)."""
+
+    loss: torch.Tensor  # scalar, with grad
+    setting: PromptSetting
+    timestep: int
+    denoise_steps: int
+
+
+class LecoStep:
+    """Computes the LECO loss for one setting.
+
+    Args:
+        unet: the U-Net with the LoRA network applied.
+        network: the LoRA network (``set_multiplier``, ``multiplier_context``).
+        cache: cached prompt embeddings (on the training device, in the U-Net's dtype).
+        scheduler_config: the model's noise-schedule config.
+        prediction_type: "epsilon" or "v_prediction".
+        config: LECO options (denoising steps, guidance, loss, min-SNR ...).
+        time_ids_fn: ``(height, width, generator, dynamic_crops) -> (6,) tensor or None``.
+        device: training device.
+        autocast: factory of the mixed-precision context (``accelerator.autocast``).
+        zero_terminal_snr: rescale the schedule to zero terminal SNR.
+    """
+
+    def __init__(self, unet, network, cache: PromptCache, scheduler_config: dict, prediction_type: str, config: LecoConfig,
+                 time_ids_fn: Callable, device: torch.device, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                 zero_terminal_snr: bool = False):
+        self.unet = unet
+        self.network = network
+        self.cache = cache
+        self.config = config
+        self.prediction_type = prediction_type
+        self.time_ids_fn = time_ids_fn
+        self.device = device
+        self.autocast = autocast
+        self.scheduler = build_noise_scheduler(scheduler_config, prediction_type, zero_terminal_snr, config.denoise_sampler)
+        self.snr = snr_table(self.scheduler)
+        self.dtype = next(unet.parameters()).dtype
+
+    # --- building blocks -----------------------------------------------------------------
+
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One U-Net call: (B, 4, h, w) latents, (B,) timesteps -> (B, 4, h, w) prediction."""
+        with self.autocast():
+            return self.unet(latents.to(self.dtype), timesteps, **cond.unet_kwargs()).sample
+
+    def conditioning(self, prompts: Sequence[str], time_ids: torch.Tensor | None) -> Conditioning:
+        """Cached embeddings of ``prompts`` (one row each), with SDXL time ids broadcast to every row."""
+        rows = None if time_ids is None else time_ids.to(self.device).expand(len(prompts), -1)
+        return self.cache.conditioning(list(prompts), rows)
+
+    def make_xt(self, setting: PromptSetting, height: int, width: int, time_ids, generator: torch.Generator):
+        """Partial CFG denoising from fresh noise: returns ``(x_t, t, k)``, no gradient."""
+        steps = self.config.max_denoising_steps
+        k = int(torch.randint(1, steps, (), generator=generator))
+        self.scheduler.set_timesteps(steps, device=self.device)
+        latents = initial_latents(setting.batch_size, height, width, generator, self.config.noise_offset,
+                                  float(self.scheduler.init_noise_sigma)).to(self.device)
+        cond = self.conditioning([setting.target] * setting.batch_size, time_ids)
+        uncond = self.conditioning([setting.unconditional] * setting.batch_size, time_ids)
+        multiplier = 0.0 if self.config.denoise_with_frozen else setting.multiplier
+        was_training = self.network.training
+        self.network.eval()  # no LoRA dropout while sampling
+        try:
+            with self.network.multiplier_context(multiplier):
+                latents, t = partial_denoise(self.predict, self.scheduler, latents, k, cond, uncond,
+                                             self.config.denoise_guidance_scale, generator)
+        finally:
+            self.network.train(was_training)
+        if self.config.legacy_timestep:
+            t = legacy_timestep(k, steps, self.scheduler.config.num_train_timesteps)
+        return latents.detach(), t, k
+
+    @torch.no_grad()
+    def frozen_predictions(self, setting: PromptSetting, latents: torch.Tensor, timesteps: torch.Tensor,
+                           time_ids) -> dict[str, torch.Tensor]:
+        """Frozen-model predictions for positive/neutral/unconditional, each distinct prompt once, one call."""
+        prompts = list(dict.fromkeys([setting.positive, setting.neutral, setting.unconditional]))
+        batch = latents.shape[0]
+        cond = self.conditioning([prompt for prompt in prompts for _ in range(batch)], time_ids)
+        with self.network.multiplier_context(0.0):
+            output = self.predict(latents.repeat(len(prompts), 1, 1, 1), timesteps.repeat(len(prompts)), cond)
+        return {prompt: chunk.float() for prompt, chunk in zip(prompts, output.chunk(len(prompts)))}
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights (min-SNR at the real timestep), shape (B,)."""
+        if not self.config.min_snr_gamma:
+            return torch.ones(timesteps.shape[0])
+        return min_snr_weights(timesteps, self.snr, self.config.min_snr_gamma, self.prediction_type == "v_prediction")
+
+    def huber_c(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        if self.config.loss_type not in ("huber", "smooth_l1"):
+            return None
+        return huber_threshold(timesteps, self.scheduler.alphas_cumprod, self.config.huber_c, self.config.huber_schedule,
+                               self.config.huber_scale, self.scheduler.config.num_train_timesteps)
+
+    # --- the step -------------------------------------------------------------------------
+
+    def loss_at(self, setting: PromptSetting, latents: torch.Tensor, timestep: int, time_ids) -> torch.Tensor:
+        """The LECO loss for a given x_t: frozen target, then the LoRA's prediction (with grad)."""
+        timesteps = torch.full((latents.shape[0],), timestep, device=self.device, dtype=torch.long)
+        frozen = self.frozen_predictions(setting, latents, timesteps, time_ids)
+        target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.unconditional],
+                              setting.guidance_scale, setting.action)
+        cond = self.conditioning([setting.target] * latents.shape[0], time_ids)
+        self.network.set_multiplier(setting.multiplier)
+        prediction = self.predict(latents, timesteps, cond)
+        losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(timesteps.cpu()))
+        weights = self.loss_weights(timesteps.cpu()).to(losses.device)
+        return (losses * weights).mean() * setting.weight
+
+    def __call__(self, setting: PromptSetting, generator: torch.Generator) -> StepResult:
+        """Draw x_t for ``setting`` and return its loss (call ``backward`` on ``result.loss``)."""
+        height, width = setting.resolution
+        if setting.dynamic_resolution:
+            height, width = random_resolution(height, width, generator)
+        time_ids = self.time_ids_fn(height, width, generator, setting.dynamic_crops)
+        latents, timestep, k = self.make_xt(setting, height, width, time_ids, generator)
+        loss = self.loss_at(setting, latents, timestep, time_ids)
+        return StepResult(loss=loss, setting=setting, timestep=timestep, denoise_steps=k)

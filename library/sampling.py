@@ -1,0 +1,166 @@
+"""Sample images: a grid of prompts (rows) x LoRA multipliers (columns), during or after training.
+
+Latents are decoded through the model's VAE when it has one (loaded only when sampling asks
+for it); models without a VAE (such as the built-in concept world, whose latents *are* the
+picture) are shown through a latent preview.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Callable, ContextManager, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from library.diffusion import cfg_combine
+from library.sample_prompts import SamplePrompt
+from library.text_encoding import Conditioning, PromptCache
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddpm": "DDPMScheduler",
+}
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "steps_offset")
+
+
+def build_sample_scheduler(name: str, scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool = False):
+    """A diffusers scheduler of the given kind on the model's noise schedule."""
+    import diffusers
+
+    schedule = {key: scheduler_config[key] for key in _SCHEDULE_KEYS if scheduler_config.get(key) is not None}
+    options = dict(schedule, prediction_type=prediction_type)
+    if zero_terminal_snr:
+        options.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if name in ("ddim", "ddpm"):
+        options["clip_sample"] = False
+    if name == "ddim":
+        options["set_alpha_to_one"] = False
+    return getattr(diffusers, SAMPLERS[name])(**options)
+
+
+@torch.no_grad()
+def sample_latents(predict: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor], scheduler,
+                   cond: Conditioning, uncond: Conditioning, shape: tuple[int, ...], steps: int, guidance_scale: float,
+                   generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Sample latents from pure noise with CFG (uncond and cond in one batched call per step)."""
+    scheduler.set_timesteps(steps, device=device)
+    latents = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(device)
+    both = Conditioning.cat([uncond, cond])
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        timesteps = t.expand(model_input.shape[0]).to(device)
+        uncond_out, cond_out = predict(model_input, timesteps, both).float().chunk(2)
+        noise_pred = cfg_combine(uncond_out, cond_out, guidance_scale)
+        latents = scheduler.step(noise_pred, t, latents.float(), generator=generator).prev_sample
+    return latents
+
+
+def latent_preview(latents: torch.Tensor) -> np.ndarray:
+    """(B, 4, h, w) latents -> (B, h*8, w*8, 3) uint8, first three channels as RGB, upscaled.
+
+    For models without a VAE (e.g. the concept world); real models are decoded through their VAE.
+    """
+    rgb = latents[:, :3].float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    rgb = rgb.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+    return rgb.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def vae_decoder(vae, device: torch.device, dtype: torch.dtype = torch.float32) -> Callable[[torch.Tensor], np.ndarray]:
+    """A decoder through an ``AutoencoderKL`` (moved to ``device`` only while decoding)."""
+    scaling = getattr(vae.config, "scaling_factor", 0.18215)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> np.ndarray:
+        vae.to(device, dtype)
+        images = vae.decode((latents / scaling + shift).to(device, dtype)).sample
+        vae.to("cpu")
+        images = images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+
+    return decode
+
+
+def make_grid(images: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], column_labels: Sequence[str]) -> Image.Image:
+    """Rows x columns of equally sized uint8 images with text labels on the top and left."""
+    tile_h, tile_w = images[0][0].shape[:2]
+    label_w, label_h, pad = 160, 18, 2
+    width = label_w + len(column_labels) * (tile_w + pad)
+    height = label_h + len(row_labels) * (tile_h + pad)
+    grid = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for column, label in enumerate(column_labels):
+        draw.text((label_w + column * (tile_w + pad) + 2, 3), label, fill=(0, 0, 0))
+    for row, label in enumerate(row_labels):
+        top = label_h + row * (tile_h + pad)
+        text = label if len(label) <= 24 else label[:23] + "…"
+        draw.text((3, top + tile_h // 2 - 6), text, fill=(0, 0, 0))
+        for column, image in enumerate(images[row]):
+            grid.paste(Image.fromarray(image), (label_w + column * (tile_w + pad), top))
+    return grid
+
+
+class SampleGridMaker:
+    """Makes sample grids with the network being trained (rows: prompts, columns: multipliers).
+
+    Args:
+        predict: one U-Net call ``(latents, timesteps, conditioning) -> prediction``.
+        network: the LoRA network (its multiplier is set per column and restored afterwards).
+        cache: prompt embeddings, including every sample prompt and negative.
+        time_ids_fn: the family's SDXL size conditioning (None for SD).
+        scheduler_factory: ``name -> scheduler`` on the model's schedule.
+        decode: latents -> uint8 images.
+    """
+
+    def __init__(self, predict, network, cache: PromptCache, time_ids_fn, scheduler_factory, decode, device: torch.device,
+                 default_size: tuple[int, int], autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.predict = predict
+        self.network = network
+        self.cache = cache
+        self.time_ids_fn = time_ids_fn
+        self.scheduler_factory = scheduler_factory
+        self.decode = decode
+        self.device = device
+        self.default_size = default_size
+        self.autocast = autocast
+
+    def _one(self, prompt: SamplePrompt, multiplier: float, sampler: str, index: int) -> np.ndarray:
+        height = prompt.height or self.default_size[0]
+        width = prompt.width or self.default_size[1]
+        generator = torch.Generator().manual_seed(prompt.seed if prompt.seed is not None else 1000 + index)
+        time_ids = self.time_ids_fn(height, width, generator, False)
+        rows = None if time_ids is None else time_ids.to(self.device).unsqueeze(0)
+        cond = self.cache.conditioning([prompt.prompt], rows)
+        uncond = self.cache.conditioning([prompt.negative], rows)
+        with self.network.multiplier_context(multiplier):
+            latents = sample_latents(self.predict, self.scheduler_factory(sampler), cond, uncond,
+                                     (1, 4, height // 8, width // 8), prompt.steps, prompt.guidance_scale, generator, self.device)
+        return self.decode(latents)[0]
+
+    def grid(self, prompts: Sequence[SamplePrompt], multipliers: Sequence[float], sampler: str) -> Image.Image:
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            images = [[self._one(prompt, multiplier, sampler, index) for multiplier in multipliers]
+                      for index, prompt in enumerate(prompts)]
+        finally:
+            self.network.train(was_training)
+        return make_grid(images, [prompt.prompt or '""' for prompt in prompts], [f"x{m:g}" for m in multipliers])
+
+
+def save_grid(image: Image.Image, folder: Path, name: str) -> Path:
+    """Write a PNG atomically into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    tmp = folder / f".{name}.tmp.png"
+    image.save(tmp)
+    tmp.replace(path)
+    return path

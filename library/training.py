@@ -1,0 +1,524 @@
+"""The LECO training run, shared by ``train_leco.py`` and ``sdxl_train_leco.py``.
+
+Phases: accelerator -> base model -> prompt cache (text encoders released) -> U-Net and LoRA ->
+optimizer and schedule -> (resume) -> loop of LECO steps -> final save. The loop reads top to
+bottom; the maths lives in ``leco_step``, ``targets`` and ``diffusion``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import logging
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.config import RunConfig
+from library.errors import UserError
+from library.family import ModelFamily, family_for
+from library.leco_step import LecoStep
+from library.models import LoadedModel, load_base_model, load_vae
+from library.optimizers import create_lr_scheduler, create_optimizer, is_schedule_free, warmup_steps
+from library.sampling import SampleGridMaker, build_sample_scheduler, latent_preview, save_grid, vae_decoder
+from library.saving import (
+    SAVE_DTYPES,
+    BaseModelHashes,
+    build_metadata,
+    final_file_name,
+    prune_step_files,
+    save_network_file,
+    step_file_name,
+    step_metadata,
+)
+from library.state import check_fingerprint, load_state, save_state, state_dir_name
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C / SIGTERM: the LoRA (and state) were saved at the last completed step."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN/inf; the last good checkpoint is kept, nothing newer is written."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    final_file: Path | None
+    steps: int
+    files: list[Path] = field(default_factory=list)
+    last_loss: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def make_accelerator(config: RunConfig, tracker_name: str):
+    """An ``Accelerator`` for this run (precision, accumulation, trackers)."""
+    from accelerate import Accelerator
+
+    mixed = config.train.mixed_precision
+    if mixed == "fp16" and not torch.cuda.is_available():
+        logger.warning("--mixed_precision fp16 needs a CUDA GPU; training in float32 on this machine")
+        mixed = "no"
+    log_dir = None
+    if config.log.logging_dir:
+        log_dir = str(Path(config.log.logging_dir) / f"{config.log.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        mixed_precision=mixed,
+        log_with=config.log.log_with,
+        project_dir=log_dir,
+    )
+    if accelerator.is_main_process and config.log.log_with:
+        accelerator.init_trackers(config.log.log_tracker_name or tracker_name, config=_tracker_config(config))
+    return accelerator
+
+
+def _tracker_config(config: RunConfig) -> dict[str, Any]:
+    values = {}
+    for key, value in config.effective_args.items():
+        values[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return values
+
+
+def _seeded_generator(seed: int | None, rank: int) -> torch.Generator:
+    """The run's CPU generator (settings, k, noise); each rank draws differently."""
+    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    return torch.Generator().manual_seed(seed + 1_000_003 * rank)
+
+
+def _prepare_unet(unet: torch.nn.Module, device, dtype: torch.dtype, attention: str, checkpointing: bool) -> torch.nn.Module:
+    unet.requires_grad_(False)
+    unet.to(device=device, dtype=dtype)
+    unet.eval()
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
+
+
+def _create_network(config: RunConfig, unet: torch.nn.Module):
+    """The LoRA network from ``--network_module``, applied to the U-Net, weights loaded if asked."""
+    module = importlib.import_module(config.network.module)
+    net_cfg = config.network
+    try:
+        if net_cfg.dim_from_weights:
+            network, _ = module.create_network_from_weights(1.0, net_cfg.weights, None, [], unet, **net_cfg.args)
+        else:
+            network = module.create_network(1.0, net_cfg.dim, net_cfg.alpha, None, [], unet,
+                                            neuron_dropout=net_cfg.dropout, **net_cfg.args)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--network_args/--network_module: {exc}") from None
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    if net_cfg.weights:
+        try:
+            info = network.load_weights(net_cfg.weights)
+        except ValueError as exc:
+            raise UserError(f"--network_weights: {exc}") from None
+        logger.info("loaded LoRA weights from %s %s", net_cfg.weights, info if info else "")
+    if not hasattr(network, "multiplier_context"):
+        network.multiplier_context = _multiplier_context.__get__(network)
+    return network
+
+
+@contextlib.contextmanager
+def _multiplier_context(network, multiplier):
+    """Fallback for network modules without ``multiplier_context`` (e.g. LyCORIS)."""
+    previous = getattr(network, "multiplier", 1.0)
+    network.set_multiplier(multiplier)
+    try:
+        yield
+    finally:
+        network.set_multiplier(previous)
+
+
+def _optimizer_and_schedule(config: RunConfig, network):
+    opt = config.optimizer
+    lr = opt.unet_lr if opt.unet_lr is not None else opt.learning_rate
+    params = network.prepare_optimizer_params(None, lr, opt.learning_rate)
+    if isinstance(params, tuple):  # newer kohya protocol returns (groups, descriptions)
+        params = params[0]
+    optimizer = create_optimizer(opt.optimizer_type, params, opt.learning_rate, dict(opt.optimizer_args))
+    if is_schedule_free(opt.optimizer_type):
+        return optimizer, None
+    if opt.optimizer_type.lower() == "adafactor" and opt.optimizer_args.get("relative_step"):
+        from transformers.optimization import AdafactorSchedule
+
+        return optimizer, AdafactorSchedule(optimizer)
+    warmup = warmup_steps(opt.lr_warmup_steps, config.train.max_train_steps)
+    schedule = create_lr_scheduler(optimizer, opt.lr_scheduler, warmup, config.train.max_train_steps,
+                                   opt.lr_scheduler_num_cycles, opt.lr_scheduler_power)
+    return optimizer, schedule
+
+
+def _optimizer_name(optimizer, kwargs: dict) -> str:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    name = f"{type(inner).__module__}.{type(inner).__name__}"
+    if kwargs:
+        name += "(" + ",".join(f"{key}={value}" for key, value in kwargs.items()) + ")"
+    return name
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Average LoRA gradients over processes in one flattened all-reduce.
+
+    The LoRA is hooked into the U-Net and never called through a DDP wrapper, so DDP would not
+    reduce its gradients; ranks would drift apart.
+    """
+    grads = [param.grad for param in params if param.grad is not None]
+    if accelerator.num_processes == 1 or not grads:
+        return
+    flat = torch.cat([grad.flatten() for grad in grads])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def accumulate_and_step(accelerator, compute, optimizer, lr_scheduler, params: list[torch.nn.Parameter],
+                        max_grad_norm: float, check_loss=None):
+    """One micro-step: forward/backward under gradient accumulation, then (on the last micro-step)
+    all-reduce, clip, optimizer and schedule step, and only then zero the gradients.
+
+    ``compute()`` returns an object with a ``loss`` attribute (or a tensor). Zeroing after the step
+    is what makes accumulation equal a larger batch; sd-scripts' LECO zeroes at the start of every
+    micro-step and keeps only the last micro-step's gradient.
+    """
+    with accelerator.accumulate():
+        result = compute()
+        loss = result.loss if hasattr(result, "loss") else result
+        if check_loss is not None:
+            check_loss(loss)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            _all_reduce_grads(params, accelerator)
+            if max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        if accelerator.sync_gradients and lr_scheduler is not None and not accelerator.optimizer_step_was_skipped:
+            lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps (a second Ctrl-C aborts)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stop requested (%s): saving at the end of this step", signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """One training run. ``run()`` does everything; the pieces are methods for readability."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.family: ModelFamily = family_for(config.model.family, config.model.max_token_length, config.model.clip_skip)
+        self.accelerator = make_accelerator(config, self.family.tracker_name)
+        self.device = self.accelerator.device
+        self.weight_dtype = _weight_dtype(self.accelerator.mixed_precision)
+        self.output_dir = Path(config.output.output_dir)
+        self.extension = config.output.save_model_as
+        self.files: list[Path] = []
+        self.started_at = time.time()
+        self.session_id = random.SystemRandom().randrange(2**31)
+        self.generator = _seeded_generator(config.train.seed, self.accelerator.process_index)
+        if config.train.seed is not None:
+            torch.manual_seed(config.train.seed + self.accelerator.process_index)
+
+    # --- phases ---------------------------------------------------------------------------
+
+    def load_model(self) -> LoadedModel:
+        cfg = self.config.model
+        logger.info("loading %s", cfg.path)
+        model = load_base_model(cfg.path, cfg.family, cfg.v2, cfg.v_parameterization, cfg.tokenizer_cache_dir)
+        if cfg.clip_skip and model.kind == "sd2" and cfg.clip_skip > 1:
+            logger.warning("--clip_skip with SD 2.x: its text encoder already ends at the penultimate layer")
+        small = [s for s in self.config.prompts.settings if min(s.resolution) < 768]
+        if self.family.name == "sdxl" and small:
+            logger.warning("SDXL trains best at resolution 1024 (%d settings use %s); set resolution = 1024 in the prompt TOML",
+                           len(small), "x".join(map(str, small[0].resolution)))
+        if any(s.dynamic_crops for s in self.config.prompts.settings) and self.family.name != "sdxl":
+            logger.warning("dynamic_crops only affects SDXL; ignored for this model")
+        return model
+
+    def cache_prompts(self, model: LoadedModel):
+        prompts = list(self.config.prompts.all_prompts)
+        for sample in self.config.sample.prompts:
+            prompts += [sample.prompt, sample.negative]
+        cache = self.family.encode(model, prompts, self.device)
+        model.release_text_encoders()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("cached %d prompt embeddings; text encoders released", len(cache))
+        return cache.to(self.device, self.weight_dtype)
+
+    def build_network(self, unet):
+        network = _create_network(self.config, unet)
+        network_dtype = self.weight_dtype if (self.config.train.full_bf16 or self.config.train.full_fp16) else torch.float32
+        network.to(device=self.device, dtype=network_dtype)
+        if hasattr(network, "prepare_grad_etc"):
+            network.prepare_grad_etc(None, unet)
+        else:
+            network.requires_grad_(True)
+        network.train()
+        return network
+
+    def resume(self, network, optimizer, lr_scheduler, fingerprint) -> int:
+        if not self.config.output.resume:
+            return 0
+        state, network_file = load_state(self.config.output.resume)
+        check_fingerprint(state.fingerprint, fingerprint)
+        network.load_weights(str(network_file))
+        optimizer.load_state_dict(state.optimizer)
+        if lr_scheduler is not None and state.lr_scheduler:
+            lr_scheduler.load_state_dict(state.lr_scheduler)
+        if self.accelerator.process_index == 0:
+            self.generator.set_state(state.generator)
+            torch.set_rng_state(state.torch_rng)
+        else:  # other ranks continue from a deterministic, rank-specific stream
+            self.generator.manual_seed(int(torch.randint(2**31, (), generator=torch.Generator().manual_seed(state.step)))
+                                       + self.accelerator.process_index)
+        logger.info("resumed from %s at step %d", self.config.output.resume, state.step)
+        return state.step
+
+    # --- saving ---------------------------------------------------------------------------
+
+    def save(self, network, optimizer, lr_scheduler, step: int, final: bool) -> Path | None:
+        """Write the LoRA (and the state with --save_state) on the main process."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        out = self.config.output
+        name = final_file_name(out.output_name, self.extension) if final else step_file_name(out.output_name, step, self.extension)
+        metadata = None if out.no_metadata else step_metadata(self.static_metadata, step, self.hashes, final)
+        eval_mode = getattr(optimizer, "eval", None) if is_schedule_free(self.config.optimizer.optimizer_type) else None
+        if eval_mode:
+            eval_mode()  # schedule-free: save the averaged weights, not the training iterate
+        try:
+            path = save_network_file(network, self.output_dir / name, SAVE_DTYPES[out.save_precision], metadata)
+            if out.save_state or (final and out.save_state_on_train_end):
+                state_dir = self.output_dir / state_dir_name(out.output_name, None if final else step)
+                save_state(state_dir, network, optimizer, lr_scheduler, step, self.generator, self.fingerprint)
+                logger.info("saved state %s", state_dir)
+        finally:
+            if eval_mode:
+                optimizer.train()
+        self.files.append(path)
+        logger.info("saved %s", path)
+        if not final and out.save_last_n_steps:
+            prune_step_files(self.output_dir, out.output_name, self.extension, step, out.save_last_n_steps)
+        return path
+
+    def sample(self, grid_maker: SampleGridMaker | None, optimizer, step: int) -> None:
+        if grid_maker is None or not self.accelerator.is_main_process:
+            return
+        eval_mode = getattr(optimizer, "eval", None) if is_schedule_free(self.config.optimizer.optimizer_type) else None
+        if eval_mode:
+            eval_mode()
+        try:
+            image = grid_maker.grid(self.config.sample.prompts, self.config.sample.multipliers, self.config.sample.sampler)
+        finally:
+            if eval_mode:
+                optimizer.train()
+        path = save_grid(image, self.output_dir / "sample", f"{self.config.output.output_name}_{step:06d}")
+        logger.info("sample grid %s", path)
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                import numpy as np
+
+                tracker.log_images({"samples": np.asarray(image)[None]}, step=step, dataformats="NHWC")
+
+    def make_grid_maker(self, model: LoadedModel, step_fn: LecoStep, network, cache) -> SampleGridMaker | None:
+        sample = self.config.sample
+        if not sample.prompts or not self.accelerator.is_main_process:
+            return None
+        vae = load_vae(self.config.model.vae, model.kind) if self.config.model.vae else model.load_vae()
+        decode = vae_decoder(vae, self.device) if vae is not None else latent_preview
+        if vae is None:
+            logger.info("sample images show latents directly (the model has no VAE)")
+        size = self.config.prompts.settings[0].resolution
+        cfg = self.config.model
+
+        def scheduler_factory(name: str):
+            return build_sample_scheduler(name, model.scheduler_config, step_fn.prediction_type, cfg.zero_terminal_snr)
+
+        return SampleGridMaker(step_fn.predict, network, cache, self.family.time_ids, scheduler_factory, decode,
+                               self.device, size, self.accelerator.autocast)
+
+    # --- summary ----------------------------------------------------------------------------
+
+    def log_summary(self, model: LoadedModel, network, optimizer, start_step: int) -> None:
+        cfg = self.config
+        trainable = sum(param.numel() for param in network.parameters() if param.requires_grad)
+        actions = {}
+        for setting in cfg.prompts.settings:
+            actions[setting.action] = actions.get(setting.action, 0) + 1
+        lines = [
+            f"model: {model.source}, predicts {model.prediction_type}",
+            f"prompt settings: {len(cfg.prompts.settings)} ({', '.join(f'{n} {a}' for a, n in actions.items())}) from {cfg.prompts.path.name}",
+            f"steps: {cfg.train.max_train_steps} (starting at {start_step}), gradient accumulation {cfg.train.gradient_accumulation_steps}, "
+            f"processes {self.accelerator.num_processes}",
+            f"LoRA: {len(getattr(network, 'unet_loras', []))} modules, {trainable:,} trainable parameters, "
+            f"dim {cfg.network.dim}, alpha {cfg.network.alpha} ({cfg.network.module})",
+            f"optimizer: {_optimizer_name(optimizer, cfg.optimizer.optimizer_args)}, lr {cfg.optimizer.unet_lr or cfg.optimizer.learning_rate}, "
+            f"schedule {cfg.optimizer.lr_scheduler}",
+            f"precision: {self.accelerator.mixed_precision} (U-Net {str(self.weight_dtype).replace('torch.', '')}), device {self.device}, "
+            f"attention {cfg.train.attention}{', gradient checkpointing' if cfg.train.gradient_checkpointing else ''}",
+            f"LECO: denoise k in 1..{cfg.leco.max_denoising_steps - 1} of {cfg.leco.max_denoising_steps} ({cfg.leco.denoise_sampler}), "
+            f"CFG {cfg.leco.denoise_guidance_scale}, trajectory from the {'frozen model' if cfg.leco.denoise_with_frozen else 'LoRA'}, "
+            f"loss {cfg.leco.loss_type}{f', min-SNR {cfg.leco.min_snr_gamma}' if cfg.leco.min_snr_gamma else ''}",
+            f"output: {self.output_dir / final_file_name(cfg.output.output_name, self.extension)}"
+            + (f", every {cfg.output.save_every_n_steps} steps" if cfg.output.save_every_n_steps else ""),
+        ]
+        for line in lines:
+            logger.info(line)
+
+    # --- loop -----------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        accelerator = self.accelerator
+        model = self.load_model()
+        cache = self.cache_prompts(model)
+        unet = _prepare_unet(model.unet, self.device, self.weight_dtype, cfg.train.attention, cfg.train.gradient_checkpointing)
+        network = self.build_network(unet)
+        optimizer, lr_scheduler = _optimizer_and_schedule(cfg, network)
+        self.fingerprint = {"network_module": cfg.network.module, "network_dim": cfg.network.dim,
+                            "network_alpha": cfg.network.alpha, "optimizer_type": cfg.optimizer.optimizer_type.lower()}
+        start_step = self.resume(network, optimizer, lr_scheduler, self.fingerprint)
+        optimizer = accelerator.prepare(optimizer)
+        if is_schedule_free(cfg.optimizer.optimizer_type):
+            optimizer.train()
+        step_fn = LecoStep(unet, network, cache, model.scheduler_config, model.prediction_type, cfg.leco,
+                           self.family.time_ids, self.device, accelerator.autocast, cfg.model.zero_terminal_snr)
+        self.hashes = BaseModelHashes(cfg.model.path)
+        network_args = dict(cfg.network.args)
+        self.static_metadata = build_metadata(cfg, model.kind, model.prediction_type, self.started_at, self.session_id,
+                                              self.hashes, network_args, _optimizer_name(optimizer, cfg.optimizer.optimizer_args))
+        grid_maker = self.make_grid_maker(model, step_fn, network, cache)
+        self.log_summary(model, network, optimizer, start_step)
+        params = [param for param in network.parameters() if param.requires_grad]
+        try:
+            with _StopRequest() as stop:
+                last_loss = self.loop(step_fn, network, optimizer, lr_scheduler, params, grid_maker, start_step, stop)
+        finally:
+            accelerator.end_training()
+        final = self.save(network, optimizer, lr_scheduler, cfg.train.max_train_steps, final=True)
+        return TrainResult(final_file=final, steps=cfg.train.max_train_steps, files=list(self.files), last_loss=last_loss)
+
+    def loop(self, step_fn: LecoStep, network, optimizer, lr_scheduler, params, grid_maker, start_step: int, stop) -> float | None:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        accelerator = self.accelerator
+        settings = cfg.prompts.settings
+        progress = tqdm(total=cfg.train.max_train_steps, initial=start_step, disable=not accelerator.is_main_process,
+                        desc="steps", dynamic_ncols=True)
+        if cfg.sample.at_first and start_step == 0:
+            self.sample(grid_maker, optimizer, 0)
+        step = start_step
+        micro_losses: list[float] = []
+        action_losses: dict[str, list[float]] = {}
+        last_loss = None
+        while step < cfg.train.max_train_steps:
+            setting = settings[int(torch.randint(len(settings), (), generator=self.generator))]
+            result = accumulate_and_step(accelerator, lambda: step_fn(setting, self.generator), optimizer, lr_scheduler,
+                                         params, cfg.optimizer.max_grad_norm, lambda loss: self._check_finite(loss, step))
+            value = float(result.loss.detach())
+            micro_losses.append(value)
+            action_losses.setdefault(setting.action, []).append(value)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            logs = self._step_logs(micro_losses, action_losses, optimizer, result)
+            if cfg.network.scale_weight_norms:
+                scaled, mean_norm, max_norm = network.apply_max_norm_regularization(cfg.network.scale_weight_norms, self.device)
+                logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm})
+            last_loss = logs["loss"]
+            micro_losses, action_losses = [], {}
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{logs['lr']:.3g}")
+            accelerator.log(logs, step=step)
+            if stop.requested:
+                self.save(network, optimizer, lr_scheduler, step, final=False)
+                progress.close()
+                raise TrainingInterrupted(f"stopped at step {step}; saved {self.files[-1] if self.files else 'nothing'}")
+            if cfg.output.save_every_n_steps and step % cfg.output.save_every_n_steps == 0 and step < cfg.train.max_train_steps:
+                self.save(network, optimizer, lr_scheduler, step, final=False)
+            if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0:
+                self.sample(grid_maker, optimizer, step)
+        progress.close()
+        return last_loss
+
+    def _step_logs(self, micro_losses, action_losses, optimizer, result) -> dict[str, float]:
+        logs = {
+            "loss": sum(micro_losses) / len(micro_losses),
+            "lr": float(optimizer.param_groups[0]["lr"] or 0.0),
+            "timestep": float(result.timestep),
+            "denoise_steps": float(result.denoise_steps),
+        }
+        if "d" in optimizer.param_groups[0]:  # Prodigy / D-Adaptation: the effective learning rate
+            logs["lr/d*lr"] = float(optimizer.param_groups[0]["d"] * (optimizer.param_groups[0]["lr"] or 0.0))
+        for action, values in action_losses.items():
+            logs[f"loss/{action}"] = sum(values) / len(values)
+        return logs
+
+    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=self.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if float(bad) > 0:
+            kept = self.files[-1].name if self.files else "no checkpoint yet"
+            raise NonFiniteLoss(
+                f"the loss became {float(loss.detach())} at step {step + 1}; stopping without saving (last good file: {kept}). "
+                "Try a lower --learning_rate, --max_grad_norm 1.0, or --mixed_precision bf16 instead of fp16"
+            )
+
+
+def train(config: RunConfig) -> TrainResult:
+    """Run LECO training as configured; returns the files written."""
+    return Trainer(config).run()
+

@@ -1,0 +1,118 @@
+"""Write a random-weight, real-size Stable Diffusion checkpoint in the original single-file layout.
+
+Real weights cannot be downloaded here; benchmarks and slow tests that need the exact memory and
+compute profile of a real model use this instead. The architecture comes from a shipped config
+folder (``library/model_configs/sd15`` by default), the weights from the models' default
+initialisation (seeded).
+
+Example::
+
+    python tools/make_random_checkpoint.py /tmp/sd15_random.safetensors --dtype fp16
+
+Measured on a 2-core CPU machine for SD 1.5: see the project notes (the script prints build
+time, write time, peak RSS and file size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def infer_kind(config_dir: Path) -> str:
+    """Guess ``sd1``/``sd2``/``sdxl`` from a diffusers config folder."""
+    from transformers import CLIPTextConfig
+
+    if (config_dir / "text_encoder_2").is_dir():
+        return "sdxl"
+    text = CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder")
+    return "sd2" if text.hidden_act == "gelu" else "sd1"
+
+
+def build_random_models(
+    config_dir: Path, kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, with_vae: bool = True
+) -> dict[str, torch.nn.Module]:
+    """Instantiate the U-Net, text encoder(s) and optionally the VAE of a config folder with random weights.
+
+    Each model is cast to ``dtype`` right after it is built, so the peak stays near one fp32 copy.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    models: dict[str, torch.nn.Module] = {
+        "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir, subfolder="unet")).to(dtype),
+        "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder")).to(dtype),
+    }
+    if kind == "sdxl":
+        config = CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder_2")
+        models["text_encoder_2"] = CLIPTextModelWithProjection(config).to(dtype)
+    if with_vae:
+        models["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae")).to(dtype)
+    return models
+
+
+def _peak_rss_gib() -> float:
+    """Peak resident set size of this process so far, in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line (``argv=None`` reads ``sys.argv``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", type=Path, help="destination .safetensors file")
+    parser.add_argument("--config", type=Path, default=ROOT / "library" / "model_configs" / "sd15",
+                        help="diffusers config folder giving the architecture (default: shipped sd15)")
+    parser.add_argument("--kind", choices=("sd1", "sd2", "sdxl"), default=None,
+                        help="checkpoint layout (default: inferred from the config folder)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="storage dtype (fp16 halves the size)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-vae", action="store_true", help="omit the VAE (first_stage_model.*)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Build and write the checkpoint; return the measurements (seconds, GiB)."""
+    from library.ldm_convert import save_single_file
+
+    args = parse_args(argv)
+    if not (args.config / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"{args.config} is not a diffusers config folder (no unet/config.json)")
+    kind = args.kind or infer_kind(args.config)
+    start = time.perf_counter()
+    models = build_random_models(args.config, kind, args.seed, DTYPES[args.dtype], with_vae=not args.no_vae)
+    built = time.perf_counter()
+    path = save_single_file(args.output, kind=kind, **models)
+    written = time.perf_counter()
+    stats = {
+        "build_s": built - start,
+        "write_s": written - built,
+        "peak_rss_gib": _peak_rss_gib(),
+        "file_gib": path.stat().st_size / 2**30,
+        "parameters": float(sum(p.numel() for m in models.values() for p in m.parameters())),
+    }
+    print(
+        f"{kind} {args.dtype} -> {path}: build {stats['build_s']:.1f} s, write {stats['write_s']:.1f} s, "
+        f"peak RSS {stats['peak_rss_gib']:.2f} GiB, file {stats['file_gib']:.2f} GiB "
+        f"({int(stats['parameters']):,} parameters)"
+    )
+    return stats
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

@@ -10,7 +10,7 @@ See docs/train_leco.md for every flag and the prompt TOML format.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from library.cli import setup_parser as _setup_parser
 from library.entry import main as _main

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
-import json
 import math
 import os
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from library.config import (
     LecoConfig,
@@ -64,7 +65,15 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors become one-line :class:`UserError` instead of usage + exit."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        message = message.replace("unrecognized arguments:", "unknown flag(s):")
+        if message.startswith("unrecognized arguments:"):
+            unknown = [token.split("=", 1)[0] for token in message.split(":", 1)[1].split() if token.startswith("--")]
+            options = [option for action in self._actions for option in action.option_strings
+                       if action.help != argparse.SUPPRESS]
+            for flag in unknown:
+                close = difflib.get_close_matches(flag, options, n=1, cutoff=0.7)
+                if close:
+                    raise UserError(f"unknown flag {flag} (did you mean {close[0]}?)")
+            message = message.replace("unrecognized arguments:", "unknown flag(s):")
         raise UserError(f"{message} (see --help)")
 
 
@@ -136,6 +145,9 @@ def _add_model_args(group) -> None:
                        help="prompt length in tokens; 150/225 encode in 75-token chunks (default 75)")
     group.add_argument("--tokenizer_cache_dir", metavar="DIR",
                        help="read tokenizers from DIR (saved there on first download) so training works offline")
+    group.add_argument("--model_config_dir", metavar="DIR",
+                       help="diffusers-layout config folder for a single-file checkpoint whose architecture is not "
+                            "SD 1.x / 2.x / SDXL base (default: the configs shipped in library/model_configs)")
     group.add_argument("--vae", metavar="PATH", help="VAE for sample images (diffusers folder or file); never used for training")
     group.add_argument("--lowram", action="store_true", help="load the model straight to the GPU to save system RAM")
 
@@ -270,14 +282,16 @@ def _config_value(action: argparse.Action, key: str, value: Any, file_label: str
         return [str(item) for item in items]
     if isinstance(value, (list, dict)):
         raise UserError(f"{where}: must be a single value, got {type(value).__name__}")
-    if isinstance(value, bool) and action.type is not None:
-        raise UserError(f"{where}: must be a number, got {value}")
+    numeric = action.type is not None and action.type is not str
+    if numeric and (isinstance(value, (bool, str))):
+        raise UserError(f"{where}: must be a number (without quotes), got {value!r}")
     converted = value
-    if action.type is not None:
-        if action.type is int and isinstance(value, float):
+    if numeric:
+        wants_int = action.type in (int, _positive_int)
+        if wants_int and isinstance(value, float):
             raise UserError(f"{where}: must be an integer, got {value}")
         try:
-            converted = action.type(str(value)) if action.type is not int else int(value)
+            converted = action.type(str(value))
         except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
             raise UserError(f"{where}: {exc}") from None
     elif not isinstance(value, str):
@@ -303,13 +317,13 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     for key, value in data.items():
         items = value.items() if isinstance(value, dict) else [(key, value)]
         for flag, flag_value in items:
+            flag = flag.lstrip("-").replace("-", "_")
             if flag in flat:
                 raise UserError(f"{config_path.name}: '{flag}' is set twice")
             flat[flag] = flag_value
     actions = _actions_by_dest(parser)
     values = {}
     for flag, value in flat.items():
-        flag = flag.lstrip("-").replace("-", "_")
         if flag in ("config_file", "output_config"):
             raise UserError(f"{config_path.name}: '{flag}' cannot be set inside a config file")
         if flag not in actions:
@@ -327,7 +341,20 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and every control character escaped."""
+    escaped = []
+    for char in text:
+        if char in ('"', "\\"):
+            escaped.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            escaped.append(f"\\u{ord(char):04x}")
+        else:
+            escaped.append(char)
+    return '"' + "".join(escaped) + '"'
 
 
 def write_config_file(path: str, args: dict[str, Any]) -> Path:
@@ -350,7 +377,7 @@ def write_config_file(path: str, args: dict[str, Any]) -> Path:
 def parse_namespace(argv: Sequence[str] | None, family: str) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     """Parse ``argv`` (with ``--config_file`` defaults applied). ``--help`` raises SystemExit(0)."""
     parser = setup_parser(family)
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _join_signed_lists(list(sys.argv[1:] if argv is None else argv))
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config_file")
     pre.add_argument("--output_config", action="store_true")
@@ -358,6 +385,21 @@ def parse_namespace(argv: Sequence[str] | None, family: str) -> tuple[argparse.N
     if known.config_file and not known.output_config:
         parser.set_defaults(**read_config_file(known.config_file, parser))
     return parser.parse_args(argv), parser
+
+
+def _join_signed_lists(argv: list[str]) -> list[str]:
+    """``--sample_multipliers -1,0,1`` -> ``--sample_multipliers=-1,0,1`` (argparse would read -1,0,1 as a flag)."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--sample_multipliers" and index + 1 < len(argv) and re.match(r"^-[\d.]", argv[index + 1]):
+            joined.append(f"{token}={argv[index + 1]}")
+            index += 2
+            continue
+        joined.append(token)
+        index += 1
+    return joined
 
 
 def effective_args(namespace: argparse.Namespace) -> dict[str, Any]:
@@ -463,26 +505,33 @@ def _optimizer_type(args: argparse.Namespace) -> str:
     return name
 
 
+def check_flags(args: argparse.Namespace, family: str) -> None:
+    """The checks that need no files: rejected flags, combinations and ranges (also run by --output_config)."""
+    _reject_unsupported(args, family)
+    _check_precision(args)
+    _check_ranges(args)
+    if family == "sdxl" and args.clip_skip:
+        raise UserError("--clip_skip does not apply to SDXL (it always uses the penultimate layers)")
+
+
 def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
     """Validate a parsed namespace and turn it into a :class:`RunConfig` (loads the prompt file).
 
     Raises:
         UserError: on any invalid flag, combination, path or prompt file.
     """
-    _reject_unsupported(args, family)
+    check_flags(args, family)
     _require(args)
     _check_model_path(args.pretrained_model_name_or_path)
-    _check_precision(args)
-    _check_ranges(args)
-    for flag in ("network_weights", "resume"):
+    for flag in ("network_weights", "resume", "model_config_dir"):
         _check_existing(flag, getattr(args, flag))
+    if args.model_config_dir and not Path(args.pretrained_model_name_or_path).expanduser().is_file():
+        raise UserError("--model_config_dir only applies to single-file checkpoints (.safetensors/.ckpt)")
     _check_network_module(args.network_module)
     attention = _check_attention(args)
     optimizer_type = _optimizer_type(args)
     prompts = load_prompt_file(args.prompts_file)
     sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else ()
-    if family == "sdxl" and args.clip_skip:
-        raise UserError("--clip_skip does not apply to SDXL (it always uses the penultimate layers)")
 
     model = ModelConfig(
         path=args.pretrained_model_name_or_path,
@@ -493,6 +542,7 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
         clip_skip=args.clip_skip,
         max_token_length=args.max_token_length or 75,
         tokenizer_cache_dir=args.tokenizer_cache_dir,
+        model_config_dir=args.model_config_dir,
         vae=args.vae,
         lowram=args.lowram,
     )

@@ -21,6 +21,7 @@ class ModelConfig:
     clip_skip: int | None = None
     max_token_length: int = 75
     tokenizer_cache_dir: str | None = None
+    model_config_dir: str | None = None
     vae: str | None = None
     lowram: bool = False
 

@@ -8,7 +8,7 @@ noisier; ``legacy_timestep`` reproduces that for parity).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from library.errors import UserError
 
@@ -42,13 +42,14 @@ def main(argv: Sequence[str] | None, family: str) -> int:
     0 success (or --help / --output_config), 2 a user error (one line on stderr), 3 the loss became
     NaN/inf, 130 interrupted (the LoRA was saved first). Callable repeatedly from Python/Colab.
     """
-    from library.cli import build_run_config, effective_args, parse_namespace, write_config_file
+    from library.cli import build_run_config, check_flags, effective_args, parse_namespace, write_config_file
 
     try:
         args, _ = parse_namespace(argv, family)
         if args.output_config:
             if not args.config_file:
                 raise UserError("--output_config needs --config_file PATH to write to")
+            check_flags(args, family)
             path = write_config_file(args.config_file, effective_args(args))
             print(f"wrote {path}")
             return 0

@@ -7,7 +7,7 @@ make the per-sample size conditioning (None for SD).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence
+from typing import ContextManager
 
 import torch
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ CLIP_L = "openai/clip-vit-large-patch14"
 SD2_REPO = "stabilityai/stable-diffusion-2"
 CLIP_BIG_G = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+MIN_VOCAB = 512  # a byte-level BPE has at least its 512 byte symbols
 
 
 @dataclass
@@ -61,6 +63,12 @@ class LoadedModel:
 # Tokenizers
 
 
+def _checked_tokenizer(tokenizer, hub_id: str, where: str):
+    if len(tokenizer) < MIN_VOCAB:
+        raise UserError(f"tokenizer {hub_id} in {where} is incomplete ({len(tokenizer)} tokens); delete it and run once online")
+    return tokenizer
+
+
 def load_tokenizer(hub_id: str, subfolder: str | None = None, cache_dir: str | None = None,
                    pad_token: str | None = None):
     """A CLIP tokenizer from ``cache_dir/<hub id with / -> _>`` or the hub (then saved there).
@@ -71,17 +79,19 @@ def load_tokenizer(hub_id: str, subfolder: str | None = None, cache_dir: str | N
     from transformers import CLIPTokenizer
 
     local = Path(cache_dir).expanduser() / hub_id.replace("/", "_") if cache_dir else None
+    hint = " (pass --tokenizer_cache_dir DIR once while online; later runs read it offline)"
+    if local is not None:
+        hint = f" and {local} does not exist (run once online with this --tokenizer_cache_dir)"
     if local is not None and local.is_dir():
-        tokenizer = CLIPTokenizer.from_pretrained(str(local), model_max_length=77)
+        tokenizer = _checked_tokenizer(CLIPTokenizer.from_pretrained(str(local), model_max_length=77), hub_id, str(local))
         logger.info("tokenizer %s from %s", hub_id, local)
     else:
         try:
             tokenizer = CLIPTokenizer.from_pretrained(hub_id, subfolder=subfolder, model_max_length=77)
         except (OSError, ValueError) as exc:
-            hint = " (pass --tokenizer_cache_dir DIR once while online; later runs read it offline)"
-            if local is not None:
-                hint = f" and {local} does not exist (run once online with this --tokenizer_cache_dir)"
             raise UserError(f"cannot load tokenizer {hub_id}: {type(exc).__name__}{hint}") from None
+        if len(tokenizer) < MIN_VOCAB:  # transformers 5 builds an empty tokenizer instead of failing offline
+            raise UserError(f"cannot load tokenizer {hub_id}: not downloadable here{hint}")
         if local is not None:
             tokenizer.save_pretrained(str(local))
             logger.info("tokenizer %s saved to %s for offline use", hub_id, local)
@@ -137,7 +147,9 @@ def _load_diffusers(path: str, family: str) -> LoadedModel:
         text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"))
         kind = "sdxl"
     else:
-        kind = "sd2" if text_encoders[0].config.hidden_size >= 1024 else "sd1"
+        # SD 2.x uses OpenCLIP (gelu, 1024 wide); SD 1.x OpenAI CLIP (quick_gelu, 768 wide)
+        config = text_encoders[0].config
+        kind = "sd2" if config.hidden_act == "gelu" or config.hidden_size >= 1024 else "sd1"
     scheduler_config = _scheduler_config_from(path)
 
     def vae_loader():
@@ -164,15 +176,22 @@ def _single_file_config_dir(kind: str, v_parameterization: bool) -> Path:
     return CONFIG_ROOT / "sd15"
 
 
-def _single_file_tokenizers(kind: str, cache_dir: str | None) -> dict:
-    if kind == "sdxl":
-        return {
-            "tokenizer": load_tokenizer(CLIP_L, cache_dir=cache_dir),
-            "tokenizer_2": load_tokenizer(CLIP_BIG_G, cache_dir=cache_dir, pad_token="!"),
-        }
-    if kind == "sd2":
-        return {"tokenizer": load_tokenizer(SD2_REPO, subfolder="tokenizer", cache_dir=cache_dir)}
-    return {"tokenizer": load_tokenizer(CLIP_L, cache_dir=cache_dir)}
+def _single_file_tokenizers(kind: str, cache_dir: str | None, config_dir: Path) -> dict:
+    """Tokenizers for a single file: from the config folder when it has them, else by hub id
+    (through ``--tokenizer_cache_dir``)."""
+    from transformers import CLIPTokenizer
+
+    hub_ids = {"sd1": [("tokenizer", CLIP_L, None)], "sd2": [("tokenizer", SD2_REPO, "tokenizer")],
+               "sdxl": [("tokenizer", CLIP_L, None), ("tokenizer_2", CLIP_BIG_G, None)]}[kind]
+    tokenizers = {}
+    for name, hub_id, subfolder in hub_ids:
+        if (config_dir / name).is_dir():
+            tokenizers[name] = CLIPTokenizer.from_pretrained(str(config_dir / name), model_max_length=77)
+        else:
+            pad = "!" if name == "tokenizer_2" else None
+            tokenizers[name] = load_tokenizer(hub_id, subfolder=subfolder,
+                                              cache_dir=cache_dir, pad_token=pad)
+    return tokenizers
 
 
 def _load_single_file(path: Path, family: str, v2: bool, v_parameterization: bool,
@@ -192,7 +211,7 @@ def _load_single_file(path: Path, family: str, v2: bool, v_parameterization: boo
     if kind == "sd2" and not v2:
         logger.info("%s is an SD 2.x checkpoint (detected from its weights)", path.name)
     config_dir = config_dir or _single_file_config_dir(kind, v_parameterization)
-    tokenizers = _single_file_tokenizers(kind, tokenizer_cache_dir)
+    tokenizers = _single_file_tokenizers(kind, tokenizer_cache_dir, config_dir)
     try:
         parts = single_file.load_single_file(path, kind, config_dir, tokenizers)
     except ValueError as exc:
@@ -212,7 +231,7 @@ def _load_single_file(path: Path, family: str, v2: bool, v_parameterization: boo
 
 
 def load_base_model(path: str, family: str, v2: bool = False, v_parameterization: bool = False,
-                    tokenizer_cache_dir: str | None = None) -> LoadedModel:
+                    tokenizer_cache_dir: str | None = None, model_config_dir: str | None = None) -> LoadedModel:
     """Load a base model for LECO (on the CPU, float32).
 
     Args:
@@ -221,6 +240,7 @@ def load_base_model(path: str, family: str, v2: bool = False, v_parameterization
         v2: the user says it is SD 2.x (single files are detected anyway).
         v_parameterization: the model predicts v; overrides the model's config.
         tokenizer_cache_dir: where single-file runs find (or save) tokenizers.
+        model_config_dir: config folder for single files of other architectures (default: shipped configs).
 
     Raises:
         UserError: wrong family, unreadable file, missing configs or tokenizers.
@@ -229,7 +249,8 @@ def load_base_model(path: str, family: str, v2: bool = False, v_parameterization
     if local.is_file():
         if local.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise UserError(f"--pretrained_model_name_or_path: {local.name} is not a .safetensors/.ckpt checkpoint")
-        loaded = _load_single_file(local, family, v2, v_parameterization, tokenizer_cache_dir)
+        loaded = _load_single_file(local, family, v2, v_parameterization, tokenizer_cache_dir,
+                                   Path(model_config_dir) if model_config_dir else None)
     else:
         kind = _detect_diffusers_kind(path)
         if family == "sdxl" and kind != "sdxl":

@@ -6,8 +6,9 @@ import ast
 import importlib
 import importlib.util
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

@@ -143,11 +143,11 @@ class _Where:
         return UserError(": ".join(parts))
 
 
-def _suggest(key: str, valid: tuple[str, ...]) -> str:
+def _suggest(key: str, valid: tuple[str, ...], noun: str = "keys") -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{close[0]}'?)"
-    return f" (valid keys: {', '.join(valid)})"
+    return f" (valid {noun}: {', '.join(valid)})"
 
 
 def _check_keys(table: dict, valid: tuple[str, ...], where: _Where) -> None:
@@ -283,9 +283,7 @@ class _Common:
 
 
 def _common_fields(merged: dict, where: _Where) -> _Common:
-    guidance = _as_float(merged["guidance_scale"], "guidance_scale", where)
-    if guidance < 0:
-        raise where.error(f"must be >= 0, got {guidance}", "guidance_scale")
+    guidance = _as_guidance(merged["guidance_scale"], where)
     multiplier = _as_float(merged["multiplier"], "multiplier", where)
     if multiplier == 0:
         raise where.error("must not be 0 (the LoRA would have no effect to train)", "multiplier")
@@ -307,6 +305,28 @@ def _common_fields(merged: dict, where: _Where) -> _Common:
     )
 
 
+def _as_guidance(value: Any, where: _Where) -> float:
+    guidance = _as_float(value, "guidance_scale", where)
+    if guidance < 0:
+        raise where.error(f"must be >= 0, got {guidance}", "guidance_scale")
+    return guidance
+
+
+def _check_top_level_defaults(data: dict, where: _Where) -> None:
+    """Validate top-level defaults where they are written, so errors name the top level."""
+    if "guidance_scale" in data:
+        _as_guidance(data["guidance_scale"], where)
+    if "resolution" in data:
+        _as_resolution(data["resolution"], "resolution", where)
+    if "resolutions" in data:
+        _as_resolutions(data["resolutions"], "resolutions", where)
+    if "batch_size" in data:
+        _as_int(data["batch_size"], "batch_size", where, minimum=1)
+    for key in ("dynamic_resolution", "dynamic_crops"):
+        if key in data:
+            _as_bool(data[key], key, where)
+
+
 def _expand_prompt_entry(entry: dict, defaults: dict, where: _Where) -> list[PromptSetting]:
     _check_keys(entry, PROMPT_KEYS, where)
     if "target" not in entry:
@@ -316,7 +336,7 @@ def _expand_prompt_entry(entry: dict, defaults: dict, where: _Where) -> list[Pro
     positive = _as_str(merged.get("positive", target), "positive", where)
     action = _as_str(merged["action"], "action", where)
     if action not in ACTIONS:
-        raise where.error(f"must be 'erase' or 'enhance', got {action!r}{_suggest(action, ACTIONS)}", "action")
+        raise where.error(f"must be 'erase' or 'enhance', got {action!r}{_suggest(action, ACTIONS, 'values')}", "action")
     common = _common_fields(merged, where)
     return [
         PromptSetting(
@@ -444,6 +464,7 @@ def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml
         for key in TARGET_ONLY_DEFAULT_KEYS:
             if key in data:
                 raise top.error(f"'{key}' is a default for [[targets]] only; set it inside each entry instead", key)
+    _check_top_level_defaults(data, top)
     shared = {key: data[key] for key in SHARED_DEFAULT_KEYS if key in data}
     target_defaults = {**shared, **({"resolutions": data["resolutions"]} if "resolutions" in data else {})}
     default_neutrals = _neutrals_of(data, base_dir, top)

@@ -28,7 +28,7 @@ class SamplePrompt:
     height: int | None = None
 
 
-_OPTION = re.compile(r"\s--([a-z]+)\s")
+_OPTION = re.compile(r"\s--([A-Za-z]+)(?=\s)")
 
 
 def parse_sample_line(line: str, where: str) -> SamplePrompt:
@@ -37,7 +37,7 @@ def parse_sample_line(line: str, where: str) -> SamplePrompt:
     prompt = pieces[0].strip()
     fields: dict = {}
     for name, raw in zip(pieces[1::2], pieces[2::2]):
-        value = raw.strip()
+        name, value = name.lower(), raw.strip()
         try:
             if name == "n":
                 fields["negative"] = value

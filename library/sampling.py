@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
+from typing import ContextManager
 
 import numpy as np
 import torch

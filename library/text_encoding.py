@@ -7,8 +7,8 @@ Every distinct prompt is encoded once, in batches, before training; the results 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -130,7 +130,7 @@ class Conditioning:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
         return kwargs
 
-    def repeat(self, times: int) -> "Conditioning":
+    def repeat(self, times: int) -> Conditioning:
         """Each row repeated ``times`` times in place (row0, row0, row1, row1, ...)."""
         return Conditioning(*(None if t is None else t.repeat_interleave(times, dim=0) for t in self._fields()))
 
@@ -138,7 +138,7 @@ class Conditioning:
         return (self.hidden_states, self.pooled, self.time_ids)
 
     @staticmethod
-    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+    def cat(items: Sequence[Conditioning]) -> Conditioning:
         fields = zip(*(item._fields() for item in items))
         return Conditioning(*(None if parts[0] is None else torch.cat(parts, dim=0) for parts in fields))
 
@@ -162,7 +162,7 @@ class PromptCache:
             if pooled is not None:
                 self._pooled[prompt] = pooled[index]
 
-    def to(self, device, dtype: torch.dtype) -> "PromptCache":
+    def to(self, device, dtype: torch.dtype) -> PromptCache:
         for store in (self._hidden, self._pooled):
             for prompt, value in store.items():
                 store[prompt] = value.to(device=device, dtype=dtype)

@@ -72,7 +72,12 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
 def make_accelerator(config: RunConfig, tracker_name: str):
     """An ``Accelerator`` for this run (precision, accumulation, trackers)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # accelerate keeps process-wide singletons; a new run in the same process (a notebook, tests)
+    # must not inherit the previous run's precision or accumulation settings.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     mixed = config.train.mixed_precision
     if mixed == "fp16" and not torch.cuda.is_available():
         logger.warning("--mixed_precision fp16 needs a CUDA GPU; training in float32 on this machine")
@@ -106,7 +111,9 @@ def _seeded_generator(seed: int | None, rank: int) -> torch.Generator:
 
 def _prepare_unet(unet: torch.nn.Module, device, dtype: torch.dtype, attention: str, checkpointing: bool) -> torch.nn.Module:
     unet.requires_grad_(False)
-    unet.to(device=device, dtype=dtype)
+    unet.to(device=device)
+    if next(unet.parameters()).dtype != dtype:
+        unet.to(dtype=dtype)
     unet.eval()
     if attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
@@ -272,7 +279,8 @@ class Trainer:
     def load_model(self) -> LoadedModel:
         cfg = self.config.model
         logger.info("loading %s", cfg.path)
-        model = load_base_model(cfg.path, cfg.family, cfg.v2, cfg.v_parameterization, cfg.tokenizer_cache_dir)
+        model = load_base_model(cfg.path, cfg.family, cfg.v2, cfg.v_parameterization, cfg.tokenizer_cache_dir,
+                                cfg.model_config_dir)
         if cfg.clip_skip and model.kind == "sd2" and cfg.clip_skip > 1:
             logger.warning("--clip_skip with SD 2.x: its text encoder already ends at the penultimate layer")
         small = [s for s in self.config.prompts.settings if min(s.resolution) < 768]

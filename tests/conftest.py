@@ -15,7 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from tests import tiny_models  # noqa: E402
+
+# Tiny models are dominated by per-op overhead; one thread is as fast and does not fight other
+# processes for the two cores (FACTS: two threads under load run ~5x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,87 @@
+"""Shared helpers for end-to-end tests: prompt files, running the scripts in-process, reading outputs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ERASE_TOML = """
+[[prompts]]
+target = "van gogh"
+positive = "van gogh"
+unconditional = ""
+neutral = ""
+action = "erase"
+guidance_scale = 1.5
+resolution = 64
+batch_size = 2
+"""
+
+ENHANCE_TOML = """
+[[prompts]]
+target = "detailed"
+positive = "high detail"
+action = "enhance"
+guidance_scale = 2.0
+resolution = 64
+"""
+
+SLIDER_TOML = """
+guidance_scale = 1.0
+resolution = 64
+
+[[targets]]
+target_class = "girl"
+positive = "girl, long hair"
+negative = "girl, short hair"
+"""
+
+PROMPTS = {"erase": ERASE_TOML, "enhance": ENHANCE_TOML, "slider": SLIDER_TOML}
+
+
+def write_prompts(folder: Path, kind: str, resolution: int = 64) -> Path:
+    path = folder / f"{kind}.toml"
+    path.write_text(PROMPTS[kind].replace("resolution = 64", f"resolution = {resolution}"), encoding="utf-8")
+    return path
+
+
+def base_argv(model: Path | str, prompts: Path, output: Path, name: str = "leco", steps: int = 4) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(model),
+        "--prompts_file", str(prompts),
+        "--output_dir", str(output),
+        "--output_name", name,
+        "--max_train_steps", str(steps),
+        "--max_denoising_steps", "4",
+        "--learning_rate", "1e-3",
+        "--seed", "42",
+    ]
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def lora_changed(path: Path) -> bool:
+    """lora_up starts at zero: any non-zero up weight means training moved the LoRA."""
+    return any(value.abs().sum() > 0 for key, value in lora_tensors(path).items() if key.endswith("lora_up.weight"))
+
+
+def scalars(log_dir: Path, tag: str) -> list[float]:
+    """All values of a TensorBoard scalar written anywhere under ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: list[float] = []
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags().get("scalars", []):
+            values += [event.value for event in accumulator.Scalars(tag)]
+    return values
+
+
+def all_finite(values: list[float]) -> bool:
+    return bool(values) and all(math.isfinite(value) for value in values)

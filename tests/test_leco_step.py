@@ -1,0 +1,176 @@
+"""The LECO step on a tiny U-Net: U-Net call budget, frozen predictions, gradients, accumulation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from library.config import LecoConfig
+from library.family import family_for
+from library.leco_step import LecoStep, random_resolution
+from library.models import load_base_model
+from library.prompts import PromptSetting
+from library.training import _prepare_unet, accumulate_and_step
+from networks.lora import create_network
+
+SETTING = PromptSetting(target="van gogh", positive="van gogh", unconditional="", neutral="", action="erase",
+                        guidance_scale=1.5, resolution=(64, 64), batch_size=2, multiplier=1.0, weight=1.0)
+
+
+def make_step(folder, config: LecoConfig, family: str = "sd", settings=(SETTING,), seed: int = 0) -> LecoStep:
+    torch.manual_seed(seed)
+    model = load_base_model(str(folder), family)
+    fam = family_for(family)
+    prompts = [prompt for setting in settings for prompt in setting.prompts]
+    cache = fam.encode(model, prompts, torch.device("cpu"))
+    unet = _prepare_unet(model.unet, torch.device("cpu"), torch.float32, "sdpa", False)
+    network = create_network(1.0, 4, 1.0, None, [], unet)
+    network.apply_to()
+    with torch.no_grad():  # a non-zero LoRA, so that "LoRA on" and "LoRA off" differ
+        for lora in network.unet_loras:
+            lora.lora_up.weight.normal_(std=0.05)
+    network.train()
+    return LecoStep(unet, network, cache, model.scheduler_config, model.prediction_type, config, fam.time_ids,
+                    torch.device("cpu"))
+
+
+class CallRecorder:
+    """Records each U-Net call: batch size, LoRA multiplier, network mode, grad mode."""
+
+    def __init__(self, step: LecoStep):
+        self.calls = []
+        self.step = step
+        self.handle = step.unet.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls.append({
+            "batch": args[0].shape[0],
+            "multiplier": self.step.network.multiplier,
+            "network_training": self.step.network.training,
+            "grad": torch.is_grad_enabled(),
+        })
+
+
+OTHER = dataclasses.replace(SETTING, positive="van gogh painting", neutral="a photo")
+
+
+@pytest.fixture
+def sd_step(tiny_sd_dir):
+    return make_step(tiny_sd_dir, LecoConfig(max_denoising_steps=6, denoise_guidance_scale=3.0), settings=(SETTING, OTHER))
+
+
+def test_unet_calls_per_step_match_the_design(sd_step):
+    recorder = CallRecorder(sd_step)
+    result = sd_step(SETTING, torch.Generator().manual_seed(0))
+    k = result.denoise_steps
+    assert 1 <= k <= 5
+    assert len(recorder.calls) == k + 2  # k trajectory calls + 1 frozen batch + 1 training forward
+    trajectory, frozen, training = recorder.calls[:k], recorder.calls[k], recorder.calls[k + 1]
+    assert all(call["batch"] == 4 and not call["grad"] for call in trajectory)  # CFG halves batched
+    assert all(call["multiplier"] == 1.0 and not call["network_training"] for call in trajectory)
+    # positive == target, neutral == unconditional == "": two distinct prompts, computed once each
+    assert frozen["batch"] == 4 and frozen["multiplier"] == 0.0 and not frozen["grad"]
+    assert training["batch"] == 2 and training["multiplier"] == 1.0 and training["grad"] and training["network_training"]
+
+
+def test_denoise_guidance_one_needs_no_unconditional_half(tiny_sd_dir):
+    step = make_step(tiny_sd_dir, LecoConfig(max_denoising_steps=6, denoise_guidance_scale=1.0))
+    recorder = CallRecorder(step)
+    result = step(SETTING, torch.Generator().manual_seed(1))
+    assert [call["batch"] for call in recorder.calls[:result.denoise_steps]] == [2] * result.denoise_steps
+
+
+def test_frozen_model_trajectory_option(tiny_sd_dir):
+    step = make_step(tiny_sd_dir, LecoConfig(max_denoising_steps=6, denoise_with_frozen=True))
+    recorder = CallRecorder(step)
+    result = step(dataclasses.replace(SETTING, multiplier=-2.0), torch.Generator().manual_seed(2))
+    assert {call["multiplier"] for call in recorder.calls[:result.denoise_steps]} == {0.0}
+    assert recorder.calls[-1]["multiplier"] == -2.0
+
+
+def test_frozen_predictions_are_the_base_model_exactly(sd_step):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    timesteps = torch.full((2,), 400)
+    frozen = sd_step.frozen_predictions(OTHER, latents, timesteps, None)
+    assert set(frozen) == {"van gogh painting", "a photo", ""}
+    sd_step.network.restore()
+    for prompt, prediction in frozen.items():
+        with torch.no_grad():
+            base = sd_step.predict(latents, timesteps, sd_step.conditioning([prompt] * 2, None))
+        assert torch.allclose(prediction, base, atol=1e-5)
+
+
+def test_the_trajectory_contributes_no_gradient(sd_step):
+    """The gradient of a full step equals the gradient of the loss at the same (detached) x_t."""
+    captured = {}
+    original = sd_step.make_xt
+
+    def spy(*args, **kwargs):
+        captured["xt"] = original(*args, **kwargs)
+        return captured["xt"]
+
+    sd_step.make_xt = spy
+    params = [param for param in sd_step.network.parameters() if param.requires_grad]
+    result = sd_step(SETTING, torch.Generator().manual_seed(4))
+    assert captured["xt"][0].grad_fn is None
+    grads = torch.autograd.grad(result.loss, params)
+    latents, timestep, _ = captured["xt"]
+    again = torch.autograd.grad(sd_step.loss_at(SETTING, latents, timestep, None), params)
+    for first, second in zip(grads, again):
+        assert torch.allclose(first, second, atol=1e-7)
+
+
+def test_gradient_accumulation_of_two_batches_of_one_equals_one_batch_of_two(tiny_sd_dir):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    single = dataclasses.replace(SETTING, batch_size=1)
+
+    def run(accumulation: int, chunks):
+        step = make_step(tiny_sd_dir, LecoConfig(max_denoising_steps=6), seed=7)
+        params = [param for param in step.network.parameters() if param.requires_grad]
+        accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
+        optimizer = accelerator.prepare(torch.optim.SGD(params, lr=10.0))
+        for chunk in chunks:
+            accumulate_and_step(accelerator, lambda: step.loss_at(single if len(chunk) == 1 else SETTING, chunk, 300, None),
+                                optimizer, None, params, 0.0)
+        return [param.detach().clone() for param in params], accelerator
+
+    accumulated, accelerator = run(2, [latents[:1], latents[1:]])
+    assert accelerator.sync_gradients
+    batched, _ = run(1, [latents])
+    changed = sum(not torch.equal(a, b) for a, b in zip(accumulated, make_step(tiny_sd_dir, LecoConfig(), seed=7).network.parameters()))
+    assert changed > 0
+    for a, b in zip(accumulated, batched):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_min_snr_and_huber_reach_the_loss(sd_step):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    plain = sd_step.loss_at(SETTING, latents, 50, None)
+    sd_step.config = dataclasses.replace(sd_step.config, min_snr_gamma=1.0)
+    weighted = sd_step.loss_at(SETTING, latents, 50, None)
+    snr = sd_step.snr[50].item()  # a clean timestep: SNR > 1, weight 1 / SNR
+    assert weighted.item() == pytest.approx(plain.item() / snr, rel=1e-4)
+    sd_step.config = dataclasses.replace(sd_step.config, min_snr_gamma=None, loss_type="l1")
+    assert sd_step.loss_at(SETTING, latents, 50, None).item() != pytest.approx(plain.item())
+
+
+def test_setting_weight_scales_the_loss(sd_step):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    plain = sd_step.loss_at(SETTING, latents, 500, None)
+    double = sd_step.loss_at(dataclasses.replace(SETTING, weight=2.0), latents, 500, None)
+    assert double.item() == pytest.approx(2 * plain.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("size", [(512, 512), (1024, 1024), (512, 768)])
+def test_random_resolution_buckets(size):
+    generator = torch.Generator().manual_seed(0)
+    seen = {random_resolution(*size, generator) for _ in range(200)}
+    area = size[0] * size[1]
+    assert len(seen) > 3
+    for height, width in seen:
+        assert height % 64 == 0 and width % 64 == 0
+        assert 0.8 * area <= height * width <= area
+        assert 0.5 <= width / height <= 2.0

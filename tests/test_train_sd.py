@@ -1,0 +1,284 @@
+"""End to end: ``train_leco.main([...])`` on tiny SD models, from a diffusers folder and a single file."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+import train_leco
+from library import leco_step, training
+from library.ldm_convert import save_single_file
+from networks.lora import read_lora_metadata
+from tests.helpers import all_finite, base_argv, lora_changed, lora_tensors, scalars, write_prompts
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("kind", ["erase", "enhance", "slider"])
+def test_train_from_a_diffusers_folder(kind, tiny_sd_dir, tmp_path):
+    prompts = write_prompts(tmp_path, kind)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    argv = base_argv(tiny_sd_dir, prompts, out, name=f"my_{kind}") + [
+        "--save_every_n_steps", "2", "--logging_dir", str(logs), "--network_dim", "4", "--network_alpha", "2",
+        "--training_comment", "test run",
+    ]
+    assert train_leco.main(argv) == 0
+    assert sorted(path.name for path in out.iterdir()) == [f"my_{kind}-step00000002.safetensors", f"my_{kind}.safetensors"]
+    final = out / f"my_{kind}.safetensors"
+    tensors = lora_tensors(final)
+    assert tensors and all(key.startswith("lora_unet_") for key in tensors)
+    assert {key.split(".", 1)[1] for key in tensors} == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert any("attn2_to_k" in key for key in tensors)
+    assert lora_changed(final)
+    metadata = read_lora_metadata(final)
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert metadata["ss_steps"] == "4" and metadata["ss_max_train_steps"] == "4"
+    assert metadata["ss_leco_prompts"] == prompts.read_text(encoding="utf-8")
+    assert metadata["ss_leco_prompt_count"] == ("2" if kind == "slider" else "1")
+    assert metadata["ss_training_comment"] == "test run"
+    assert metadata["ss_seed"] == "42"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.title"] == f"my_{kind}" and metadata["modelspec.resolution"] == "64x64"
+    assert "ss_training_finished_at" in metadata
+    assert read_lora_metadata(out / f"my_{kind}-step00000002.safetensors")["ss_steps"] == "2"
+    assert all_finite(scalars(logs, "loss")) and len(scalars(logs, "loss")) == 4
+    assert scalars(logs, "lr") == pytest.approx([1e-3] * 4)
+    assert scalars(logs, f"loss/{'enhance' if kind != 'erase' else 'erase'}")
+
+
+def test_same_seed_gives_identical_lora(tiny_sd_dir, tmp_path):
+    prompts = write_prompts(tmp_path, "slider")
+    for run in ("a", "b"):
+        assert train_leco.main(base_argv(tiny_sd_dir, prompts, tmp_path / run, steps=3)) == 0
+    first, second = lora_tensors(tmp_path / "a" / "leco.safetensors"), lora_tensors(tmp_path / "b" / "leco.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert train_leco.main(base_argv(tiny_sd_dir, prompts, tmp_path / "c", steps=3)[:-1] + ["7"]) == 0
+    third = lora_tensors(tmp_path / "c" / "leco.safetensors")
+    assert not all(torch.equal(first[key], third[key]) for key in first)
+
+
+def _tokenizer_cache(tiny_dir, cache):
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
+    tokenizer.save_pretrained(str(cache / "openai_clip-vit-large-patch14"))
+    return cache
+
+
+def test_train_from_a_single_file_offline(tiny_sd_dir, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = save_single_file(
+        tmp_path / "tiny_sd.safetensors",
+        UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"),
+        CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder"),
+        kind="sd1",
+    )
+    configs = tmp_path / "configs"  # a config-only copy of the tiny model (no weights, no tokenizer)
+    for sub in ("unet", "text_encoder", "scheduler"):
+        (configs / sub).mkdir(parents=True)
+        name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+        (configs / sub / name).write_text((tiny_sd_dir / sub / name).read_text())
+    (configs / "model_index.json").write_text((tiny_sd_dir / "model_index.json").read_text())
+    cache = _tokenizer_cache(tiny_sd_dir, tmp_path / "tokenizers")
+    prompts = write_prompts(tmp_path, "erase")
+    argv = base_argv(checkpoint, prompts, tmp_path / "out") + [
+        "--tokenizer_cache_dir", str(cache), "--model_config_dir", str(configs), "--save_every_n_steps", "2",
+    ]
+    assert train_leco.main(argv) == 0
+    final = tmp_path / "out" / "leco.safetensors"
+    assert lora_changed(final) and (tmp_path / "out" / "leco-step00000002.safetensors").exists()
+    metadata = read_lora_metadata(final)
+    assert metadata["ss_sd_model_name"] == "tiny_sd.safetensors"
+    assert len(metadata["ss_sd_model_hash"]) == 8 and len(metadata["ss_new_sd_model_hash"]) == 64
+
+
+def test_single_file_without_tokenizer_offline_is_one_clear_line(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = save_single_file(
+        tmp_path / "m.safetensors",
+        UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"),
+        CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder"),
+        kind="sd1",
+    )
+    argv = base_argv(checkpoint, write_prompts(tmp_path, "erase"), tmp_path / "out") + ["--tokenizer_cache_dir", str(tmp_path / "empty")]
+    assert train_leco.main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "openai/clip-vit-large-patch14" in errors[0] and "--tokenizer_cache_dir" in errors[0]
+
+
+def test_v_prediction_model_metadata_and_training(tiny_sd2_dir, tmp_path):
+    argv = base_argv(tiny_sd2_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=2) + [
+        "--v_parameterization", "--zero_terminal_snr", "--min_snr_gamma", "5",
+    ]
+    assert train_leco.main(argv) == 0
+    metadata = read_lora_metadata(tmp_path / "out" / "leco.safetensors")
+    assert metadata["ss_v2"] == "True" and metadata["ss_v_parameterization"] == "True"
+    assert metadata["ss_base_model_version"] == "sd_v2_v"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert metadata["modelspec.prediction_type"] == "v"
+
+
+def test_resume_continues_exactly(tiny_sd_dir, tmp_path):
+    prompts = write_prompts(tmp_path, "slider")
+    full = tmp_path / "full"
+    argv = base_argv(tiny_sd_dir, prompts, full, steps=4) + ["--save_every_n_steps", "2", "--save_state",
+                                                             "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]
+    assert train_leco.main(argv) == 0
+    state = full / "leco-step00000002-state"
+    assert (state / "network.safetensors").exists() and (state / "training_state.pt").exists()
+    assert (full / "leco-state").exists()
+    resumed = tmp_path / "resumed"
+    argv = base_argv(tiny_sd_dir, prompts, resumed, steps=4) + ["--resume", str(state), "--lr_scheduler", "cosine",
+                                                                "--lr_warmup_steps", "1"]
+    assert train_leco.main(argv) == 0
+    a, b = lora_tensors(full / "leco.safetensors"), lora_tensors(resumed / "leco.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_resume_into_a_different_network_is_refused(tiny_sd_dir, tmp_path, capsys):
+    prompts = write_prompts(tmp_path, "erase")
+    assert train_leco.main(base_argv(tiny_sd_dir, prompts, tmp_path / "a", steps=2) + ["--save_state_on_train_end"]) == 0
+    argv = base_argv(tiny_sd_dir, prompts, tmp_path / "b", steps=3) + ["--resume", str(tmp_path / "a" / "leco-state"),
+                                                                      "--network_dim", "8"]
+    assert train_leco.main(argv) == 2
+    assert "network_dim" in capsys.readouterr().err
+
+
+def test_sigterm_saves_the_lora_and_exits_130(tiny_sd_dir, tmp_path, monkeypatch):
+    original = leco_step.LecoStep.__call__
+    calls = {"n": 0}
+
+    def call(self, setting, generator):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, setting, generator)
+
+    monkeypatch.setattr(leco_step.LecoStep, "__call__", call)
+    out = tmp_path / "out"
+    code = train_leco.main(base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), out, steps=50) + ["--save_state"])
+    assert code == 130
+    assert (out / "leco-step00000002.safetensors").exists() and (out / "leco-step00000002-state").exists()
+    assert not (out / "leco.safetensors").exists()
+    assert calls["n"] == 2  # stopped right after the step in which the signal arrived
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_file(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    original = leco_step.per_sample_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(leco_step, "per_sample_loss", poisoned)
+    out = tmp_path / "out"
+    code = train_leco.main(base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), out, steps=6) + ["--save_every_n_steps", "2"])
+    assert code == 3
+    assert sorted(path.name for path in out.iterdir()) == ["leco-step00000002.safetensors"]
+    err = capsys.readouterr().err
+    assert "step 3" in err and "leco-step00000002.safetensors" in err
+
+
+@pytest.mark.parametrize(
+    "optimizer, extra",
+    [
+        ("AdamW8bit", ["--optimizer_args", "min_8bit_size=0"]),
+        ("Lion", []),
+        ("Prodigy", ["--learning_rate", "1.0", "--optimizer_args", "decouple=True", "weight_decay=0.01"]),
+        ("Adafactor", []),
+        ("SGDNesterov", []),
+        ("torch.optim.RAdam", []),
+    ],
+)
+def test_optimizers_train(optimizer, extra, tiny_sd_dir, tmp_path):
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=2)
+    assert train_leco.main(argv + ["--optimizer_type", optimizer] + extra) == 0
+    assert lora_changed(tmp_path / "out" / "leco.safetensors")
+
+
+def test_schedule_free_saves_the_averaged_weights(tiny_sd_dir, tmp_path, monkeypatch):
+    """The saved file must come from eval mode (x), not the training iterate (y): sd-scripts' bug."""
+    import schedulefree
+
+    events = []
+    for name in ("train", "eval"):
+        original = getattr(schedulefree.AdamWScheduleFree, name)
+
+        def record(self, _original=original, _name=name):
+            events.append(_name)
+            return _original(self)
+
+        monkeypatch.setattr(schedulefree.AdamWScheduleFree, name, record)
+    save = training.save_network_file
+
+    def spy(*args, **kwargs):
+        events.append("save")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(training, "save_network_file", spy)
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=2)
+    assert train_leco.main(argv + ["--optimizer_type", "AdamWScheduleFree"]) == 0
+    saves = [index for index, event in enumerate(events) if event == "save"]
+    assert saves and all(events[index - 1] == "eval" and events[index + 1] == "train" for index in saves)
+
+
+def test_precision_checkpointing_and_file_options(tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), out, steps=4) + [
+        "--mixed_precision", "bf16", "--gradient_checkpointing", "--save_precision", "fp16",
+        "--save_every_n_steps", "1", "--save_last_n_steps", "1", "--network_args", "conv_dim=2", "conv_alpha=1",
+        "--gradient_accumulation_steps", "2", "--scale_weight_norms", "1.0", "--network_dropout", "0.1",
+    ]
+    assert train_leco.main(argv) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["leco-step00000002.safetensors", "leco-step00000003.safetensors",
+                                                           "leco.safetensors"]
+    tensors = lora_tensors(out / "leco.safetensors")
+    assert {value.dtype for value in tensors.values()} == {torch.float16}
+    assert any("resnets_0_conv1" in key for key in tensors)
+    metadata = read_lora_metadata(out / "leco.safetensors")
+    assert metadata["ss_mixed_precision"] == "bf16" and metadata["ss_gradient_accumulation_steps"] == "2"
+    assert '"conv_dim": "2"' in metadata["ss_network_args"]
+
+
+def test_ckpt_output_and_continuing_from_weights(tiny_sd_dir, tmp_path):
+    prompts = write_prompts(tmp_path, "erase")
+    assert train_leco.main(base_argv(tiny_sd_dir, prompts, tmp_path / "a", steps=2) + ["--save_model_as", "ckpt"]) == 0
+    state = torch.load(tmp_path / "a" / "leco.ckpt", weights_only=True)
+    assert all(key.startswith("lora_unet_") for key in state)
+    argv = base_argv(tiny_sd_dir, prompts, tmp_path / "b", steps=2) + ["--network_weights", str(tmp_path / "a" / "leco.ckpt"),
+                                                                      "--dim_from_weights"]
+    assert train_leco.main(argv) == 0
+    assert lora_tensors(tmp_path / "b" / "leco.safetensors").keys() == state.keys()
+
+
+def test_sample_images_during_training(tiny_sd_dir, tmp_path):
+    from PIL import Image
+
+    samples = tmp_path / "samples.txt"
+    samples.write_text("# comment\nvan gogh --n blurry --s 3 --l 4 --d 1\na photo --s 2\n", encoding="utf-8")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), out, steps=2) + [
+        "--sample_prompts", str(samples), "--sample_every_n_steps", "2", "--sample_at_first",
+        "--sample_multipliers", "-1,0,1", "--logging_dir", str(logs),
+    ]
+    assert train_leco.main(argv) == 0
+    grids = sorted(path.name for path in (out / "sample").iterdir())
+    assert grids == ["leco_000000.png", "leco_000002.png"]
+    image = Image.open(out / "sample" / "leco_000002.png")
+    assert image.width > 3 * 64 and image.height > 2 * 64  # 3 multipliers x 2 prompts of 64 px tiles

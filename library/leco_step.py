@@ -99,10 +99,14 @@ class LecoStep:
         rows = None if time_ids is None else time_ids.to(self.device).expand(len(prompts), -1)
         return self.cache.conditioning(list(prompts), rows)
 
+    def draw_denoise_steps(self, generator: torch.Generator) -> int:
+        """k ~ U{1, ..., N - 1}: how many sampler steps make this x_t."""
+        return int(torch.randint(1, self.config.max_denoising_steps, (), generator=generator))
+
     def make_xt(self, setting: PromptSetting, height: int, width: int, time_ids, generator: torch.Generator):
         """Partial CFG denoising from fresh noise: returns ``(x_t, t, k)``, no gradient."""
         steps = self.config.max_denoising_steps
-        k = int(torch.randint(1, steps, (), generator=generator))
+        k = self.draw_denoise_steps(generator)
         self.scheduler.set_timesteps(steps, device=self.device)
         latents = initial_latents(setting.batch_size, height, width, generator, self.config.noise_offset,
                                   float(self.scheduler.init_noise_sigma)).to(self.device)

@@ -1,0 +1,1 @@
+"""Command-line tools: random real-size checkpoints, benchmarks, the concept-world demo."""

@@ -1,0 +1,242 @@
+"""Seconds per LECO step and peak memory, for this trainer and for sd-scripts' cost model.
+
+    python -m tools.benchmark                       # real-size random SD 1.5 (built once, ~2 GB)
+    python -m tools.benchmark --model PATH          # any model the trainer loads
+    python -m tools.benchmark --tiny                # the tiny test model (seconds)
+    python -m tools.benchmark --mode legacy         # the same step computed the way sd-scripts does
+
+``--mode legacy`` reproduces sd-scripts' LECO cost model for comparison only: gradient kept
+through the whole partial-denoising trajectory (every U-Net call checkpointed), the three frozen
+predictions as separate CFG-doubled calls, and a CFG-doubled training forward. Both modes use
+the same k (``--fixed_k``) so their times compare. Nothing here is asserted in tests; results
+are written to docs/performance.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from library.config import LecoConfig  # noqa: E402
+from library.diffusion import cfg_combine, initial_latents  # noqa: E402
+from library.leco_step import LecoStep, StepResult  # noqa: E402
+from library.prompts import PromptSetting  # noqa: E402
+from library.targets import build_target, per_sample_loss  # noqa: E402
+from library.text_encoding import Conditioning  # noqa: E402
+
+CACHE = ROOT / ".cache" / "benchmark"
+
+
+class FixedKStep(LecoStep):
+    """Our step with k fixed instead of drawn, so both modes do the same amount of denoising."""
+
+    fixed_k = 4
+
+    def draw_denoise_steps(self, generator: torch.Generator) -> int:
+        return self.fixed_k
+
+
+class LegacyLecoStep(FixedKStep):
+    """sd-scripts' way of computing the same step (for timing comparisons only)."""
+
+    def _cfg_call(self, latents, timesteps, cond: Conditioning, uncond: Conditioning, scale: float):
+        both = self.predict(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), Conditioning.cat([uncond, cond]))
+        uncond_out, cond_out = both.chunk(2)
+        return cfg_combine(uncond_out, cond_out, scale)
+
+    def __call__(self, setting: PromptSetting, generator: torch.Generator) -> StepResult:
+        steps = self.config.max_denoising_steps
+        k = self.draw_denoise_steps(generator)
+        height, width = setting.resolution
+        self.scheduler.set_timesteps(steps, device=self.device)
+        latents = initial_latents(setting.batch_size, height, width, generator).to(self.device)
+        cond = self.conditioning([setting.target] * setting.batch_size, None)
+        uncond = self.conditioning([setting.unconditional] * setting.batch_size, None)
+        self.network.set_multiplier(setting.multiplier)
+        for index in range(k):  # with gradient, each call checkpointed, nothing detached
+            t = self.scheduler.timesteps[index]
+            timesteps = t.expand(latents.shape[0]).to(self.device)
+            output = torch.utils.checkpoint.checkpoint(self._cfg_call, latents, timesteps, cond, uncond,
+                                                       self.config.denoise_guidance_scale, use_reentrant=False)
+            latents = self.scheduler.step(output, t, latents, generator=generator).prev_sample
+        timestep = self.scheduler.timesteps[k]
+        timesteps = torch.full((latents.shape[0],), int(timestep), device=self.device)
+        frozen = {}
+        with torch.no_grad(), self.network.multiplier_context(0.0):
+            for prompt in (setting.positive, setting.neutral, setting.unconditional):
+                frozen[prompt] = self._cfg_call(latents, timesteps, self.conditioning([prompt] * latents.shape[0], None),
+                                                uncond, 1.0)
+        target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.unconditional],
+                              setting.guidance_scale, setting.action)
+        prediction = self._cfg_call(latents, timesteps, cond, uncond, 1.0)
+        loss = per_sample_loss(prediction, target).mean() * setting.weight
+        return StepResult(loss=loss, setting=setting, timestep=int(timestep), denoise_steps=k)
+
+
+def ensure_random_sd15() -> Path:
+    """A random-weight SD 1.5-architecture single file (fp16, no VAE), built once into .cache/."""
+    from library.ldm_convert import save_single_file
+    from library.models import CONFIG_ROOT
+    from tools.make_random_checkpoint import build_random_models
+
+    path = CACHE / "sd15_random_fp16.safetensors"
+    if not path.exists():
+        models = build_random_models(CONFIG_ROOT / "sd15", "sd1", dtype=torch.float16, with_vae=False)
+        save_single_file(path, kind="sd1", **models)
+    return path
+
+
+def ensure_tokenizer_cache() -> Path:
+    """A CLIP-shaped tokenizer saved as openai/clip-vit-large-patch14 (token ids < 49408, fine for timing)."""
+    from transformers import CLIPTokenizer
+
+    from library.tiny_clip import write_clip_tokenizer
+
+    folder = CACHE / "tokenizers" / "openai_clip-vit-large-patch14"
+    if not folder.exists():
+        source = write_clip_tokenizer(CACHE / "tokenizer_source", ["van", "gogh", "painting", "photo"])
+        CLIPTokenizer.from_pretrained(str(source), model_max_length=77).save_pretrained(str(folder))
+    return folder.parent
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def build_step(args, mode: str):
+    from library.family import family_for
+    from library.models import load_base_model
+    from library.training import _prepare_unet
+    from networks.lora import create_network
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    model = load_base_model(str(args.model), "sd", tokenizer_cache_dir=str(args.tokenizer_cache_dir) if args.tokenizer_cache_dir else None)
+    family = family_for("sd")
+    setting = PromptSetting(target="van gogh", positive="van gogh", unconditional="", neutral="", action="erase",
+                            guidance_scale=1.0, resolution=(args.resolution, args.resolution), batch_size=args.batch_size,
+                            multiplier=1.0, weight=1.0)
+    cache = family.encode(model, list(setting.prompts), device).to(device, dtype)
+    model.release_text_encoders()
+    unet = _prepare_unet(model.unet, device, dtype, "xformers" if args.xformers else "sdpa", args.gradient_checkpointing)
+    network = create_network(1.0, args.network_dim, args.network_dim / 2, None, [], unet)
+    network.apply_to()
+    network.to(device)
+    network.train()
+    config = LecoConfig(max_denoising_steps=args.max_denoising_steps, denoise_guidance_scale=3.0)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else None
+    step_class = LegacyLecoStep if mode == "legacy" else FixedKStep
+    kwargs = {"autocast": autocast} if autocast else {}
+    step = step_class(unet, network, cache, model.scheduler_config, model.prediction_type, config, family.time_ids, device, **kwargs)
+    step.fixed_k = args.fixed_k
+    return step, setting, network, device
+
+
+def run(args) -> dict:
+    step, setting, network, device = build_step(args, args.mode)
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    calls = []
+    step.unet.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape[0]))
+    times = []
+    for index in range(args.warmup + args.steps):
+        if index == args.warmup:
+            _reset_peak_rss()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            calls.clear()
+        start = time.perf_counter()
+        result = step(setting, generator)
+        result.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - start)
+    report = {
+        "mode": args.mode,
+        "model": str(args.model),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "max_denoising_steps": args.max_denoising_steps,
+        "k": args.fixed_k,
+        "mixed_precision": args.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "seconds_per_step_mean": statistics.mean(times),
+        "seconds_per_step_median": statistics.median(times),
+        "unet_calls_per_step": len(calls) / args.steps,
+        "unet_samples_per_step": sum(calls) / args.steps,
+        "peak_rss_gib": _peak_rss_gib(),
+    }
+    if device.type == "cuda":
+        report["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return report
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="model to load (default: random real-size SD 1.5, built once)")
+    parser.add_argument("--tiny", action="store_true", help="use a tiny random model (fast sanity run)")
+    parser.add_argument("--tokenizer_cache_dir", type=Path)
+    parser.add_argument("--mode", choices=["ours", "legacy"], default="ours")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--max_denoising_steps", type=int, default=8)
+    parser.add_argument("--fixed_k", type=int, default=4, help="denoising steps per training step (same in both modes)")
+    parser.add_argument("--network_dim", type=int, default=4)
+    parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--xformers", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is available")
+    parser.add_argument("--json", type=Path, help="also append the result as a JSON line to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.tiny:
+        from tests.tiny_models import save_tiny_sd
+
+        folder = CACHE / "tiny_sd"
+        if not folder.exists():
+            save_tiny_sd(folder)
+        args.model = folder
+    elif args.model is None:
+        args.model = ensure_random_sd15()
+        args.tokenizer_cache_dir = args.tokenizer_cache_dir or ensure_tokenizer_cache()
+    report = run(args)
+    line = json.dumps(report)
+    print(line)
+    if args.json:
+        with open(args.json, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

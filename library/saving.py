@@ -192,16 +192,40 @@ def step_metadata(static: dict[str, str], step: int, hashes: BaseModelHashes, fi
     return metadata
 
 
-def save_network_file(network, path: Path, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> Path:
+def rename_to_sgm(path: Path, aliases: dict[str, str]) -> None:
+    """Rewrite an SDXL LoRA file whose keys use diffusers module paths with the SGM names the UIs read.
+
+    For network modules that name diffusers U-Net layers by their diffusers paths (LyCORIS);
+    ``networks.lora`` writes SGM names itself.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from networks.lora import canonical_weights, save_lora_file
+
+    tensors = load_file(str(path))
+    renamed = canonical_weights(tensors, aliases)
+    if list(renamed) == list(tensors):
+        return
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {key: value for key, value in (handle.metadata() or {}).items() if not key.startswith("sshs_")}
+    save_lora_file(renamed, path, metadata)
+
+
+def save_network_file(network, path: Path, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+                      sgm_aliases: dict[str, str] | None = None) -> Path:
     """Write the network through its own ``save_weights`` into a temp name, then rename atomically.
 
     Works for any kohya-protocol network module (ours, LyCORIS), whether or not it writes atomically.
+    ``sgm_aliases`` (SDXL with a foreign network module) renames diffusers-path keys to SGM names.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         if path.suffix == ".safetensors":
             network.save_weights(str(tmp), dtype, metadata)
+            if sgm_aliases:
+                rename_to_sgm(tmp, sgm_aliases)
         else:
             network.save_weights(str(tmp), dtype, None)
         os.replace(tmp, path)

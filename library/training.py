@@ -39,6 +39,7 @@ from library.saving import (
     step_metadata,
 )
 from library.state import check_fingerprint, load_state, save_state, state_dir_name
+from networks.lora import kohya_aliases
 
 logger = logging.getLogger(__name__)
 
@@ -126,15 +127,27 @@ def _create_network(config: RunConfig, unet: torch.nn.Module):
     """The LoRA network from ``--network_module``, applied to the U-Net, weights loaded if asked."""
     module = importlib.import_module(config.network.module)
     net_cfg = config.network
+    args = dict(net_cfg.args)
+    ours = config.network.module == "networks.lora"
+    if config.network.module.startswith("lycoris") and "preset" not in args:
+        # LyCORIS' "full" preset wraps diffusers' TimestepEmbedding twice and fails; this preset
+        # covers the transformer blocks, like networks.lora's default.
+        args["preset"] = "unet-transformer-only"
+        logger.info("LyCORIS: using --network_args preset=unet-transformer-only (pass preset=... to change it)")
     try:
         if net_cfg.dim_from_weights:
-            network, _ = module.create_network_from_weights(1.0, net_cfg.weights, None, [], unet, **net_cfg.args)
+            network, _ = module.create_network_from_weights(1.0, net_cfg.weights, None, [], unet, **args)
         else:
-            network = module.create_network(1.0, net_cfg.dim, net_cfg.alpha, None, [], unet,
-                                            neuron_dropout=net_cfg.dropout, **net_cfg.args)
+            network = module.create_network(1.0, net_cfg.dim, net_cfg.alpha, None, [], unet, neuron_dropout=net_cfg.dropout, **args)
     except (ValueError, TypeError) as exc:
         raise UserError(f"--network_args/--network_module: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a third-party module's failure, reported in one line
+        if ours:
+            raise
+        raise UserError(f"--network_module {config.network.module} could not build the network: {type(exc).__name__}: {exc}") from None
     network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    if not any(param.requires_grad for param in network.parameters()) and not list(network.parameters()):
+        raise UserError(f"--network_module {config.network.module}: the network has no parameters (the preset/options select no layers)")
     if net_cfg.weights:
         try:
             info = network.load_weights(net_cfg.weights)
@@ -346,7 +359,8 @@ class Trainer:
         if eval_mode:
             eval_mode()  # schedule-free: save the averaged weights, not the training iterate
         try:
-            path = save_network_file(network, self.output_dir / name, SAVE_DTYPES[out.save_precision], metadata)
+            path = save_network_file(network, self.output_dir / name, SAVE_DTYPES[out.save_precision], metadata,
+                                     self.sgm_aliases)
             if out.save_state or (final and out.save_state_on_train_end):
                 state_dir = self.output_dir / state_dir_name(out.output_name, None if final else step)
                 save_state(state_dir, network, optimizer, lr_scheduler, step, self.generator, self.fingerprint)
@@ -433,6 +447,8 @@ class Trainer:
         cache = self.cache_prompts(model)
         unet = _prepare_unet(model.unet, self.device, self.weight_dtype, cfg.train.attention, cfg.train.gradient_checkpointing)
         network = self.build_network(unet)
+        foreign_sdxl = self.family.name == "sdxl" and cfg.network.module != "networks.lora"
+        self.sgm_aliases = kohya_aliases(unet) if foreign_sdxl else None
         optimizer, lr_scheduler = _optimizer_and_schedule(cfg, network)
         self.fingerprint = {"network_module": cfg.network.module, "network_dim": cfg.network.dim,
                             "network_alpha": cfg.network.alpha, "optimizer_type": cfg.optimizer.optimizer_type.lower()}

@@ -428,11 +428,20 @@ class LoRANetwork(nn.Module):
 def kohya_aliases(unet: nn.Module) -> dict[str, str]:
     """For SDXL: diffusers-style kohya names (``lora_unet_down_blocks_...``) -> SGM kohya names.
 
-    Some tools write SDXL LoRAs with diffusers module paths; loading accepts both spellings.
+    Covers every Linear/Conv2d of the U-Net, so files from other tools (and LyCORIS networks,
+    which name diffusers U-Net layers by their diffusers paths) can be read and rewritten in the
+    layout the UIs expect.
     """
     if not is_sdxl_unet(unet):
         return {}
-    return {f"{LORA_PREFIX_UNET}_{path.replace('.', '_')}": name for name, path, _ in find_target_modules(unet, conv=True)}
+    aliases = {}
+    for path, module in unet.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            try:
+                aliases[f"{LORA_PREFIX_UNET}_{path.replace('.', '_')}"] = lora_name_for(path, unet)
+            except ValueError:
+                continue
+    return aliases
 
 
 def canonical_weights(weights: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -138,3 +138,17 @@ def test_sdxl_script_refuses_an_sd_model(tiny_sd_dir, tmp_path, capsys):
     argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=1)
     assert sdxl_train_leco.main(argv) == 2
     assert "train_leco.py" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lycoris_network_module_trains_and_sdxl_keys_use_sgm_names(tiny_sdxl_dir, tmp_path):
+    pytest.importorskip("lycoris")
+    argv = base_argv(tiny_sdxl_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=2) + [
+        "--network_module", "lycoris.kohya", "--network_args", "algo=lokr", "--network_dim", "4",
+    ]
+    assert sdxl_train_leco.main(argv) == 0
+    keys = lora_tensors(tmp_path / "out" / "leco.safetensors").keys()
+    assert any(key.startswith("lora_unet_input_blocks_") and key.endswith(".lokr_w1") for key in keys)
+    assert not any("down_blocks" in key or "up_blocks" in key for key in keys)
+    metadata = read_lora_metadata(tmp_path / "out" / "leco.safetensors")
+    assert metadata["ss_network_module"] == "lycoris.kohya" and len(metadata["sshs_model_hash"]) == 64

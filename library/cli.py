@@ -54,6 +54,9 @@ REJECTED_FLAGS = {
     "mem_eff_attn": "use --sdpa (the default) or --xformers",
     "deepspeed": "DeepSpeed is not supported; LECO trains a small LoRA, use plain DDP via accelerate",
     "fp8_base": "fp8 base weights are not supported; use --mixed_precision bf16",
+    "lowram": "not needed: weights are memory-mapped while loading; remove the flag",
+    "highvram": "not needed: LECO keeps no latents or images in memory; remove the flag",
+    "vae_batch_size": "LECO never encodes images, so there is no VAE batch",
 }
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -149,7 +152,6 @@ def _add_model_args(group) -> None:
                        help="diffusers-layout config folder for a single-file checkpoint whose architecture is not "
                             "SD 1.x / 2.x / SDXL base (default: the configs shipped in library/model_configs)")
     group.add_argument("--vae", metavar="PATH", help="VAE for sample images (diffusers folder or file); never used for training")
-    group.add_argument("--lowram", action="store_true", help="load the model straight to the GPU to save system RAM")
 
 
 def _add_leco_args(group) -> None:
@@ -544,7 +546,6 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
         tokenizer_cache_dir=args.tokenizer_cache_dir,
         model_config_dir=args.model_config_dir,
         vae=args.vae,
-        lowram=args.lowram,
     )
     network = NetworkConfig(
         module=args.network_module,
@@ -617,6 +618,8 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
     )
     if log.log_with in ("tensorboard", "all") and not log.logging_dir:
         raise UserError("--log_with tensorboard needs --logging_dir")
+    if log.log_with == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UserError("--log_with wandb needs the wandb package: pip install wandb")
     sample = SampleConfig(
         every_n_steps=args.sample_every_n_steps,
         prompts_file=args.sample_prompts,

@@ -23,7 +23,6 @@ class ModelConfig:
     tokenizer_cache_dir: str | None = None
     model_config_dir: str | None = None
     vae: str | None = None
-    lowram: bool = False
 
 
 @dataclass(frozen=True)

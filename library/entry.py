@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -61,7 +62,9 @@ def main(argv: Sequence[str] | None, family: str) -> int:
         return EXIT_USER_ERROR
 
     root = logging.getLogger()
-    handler = _console_handler(config.log.console_log_level)
+    # in multi-process runs only rank 0 narrates; other ranks report warnings and errors
+    level = config.log.console_log_level if int(os.environ.get("RANK", "0")) == 0 else "WARNING"
+    handler = _console_handler(level)
     previous_level = root.level
     root.addHandler(handler)
     root.setLevel(config.log.console_log_level)

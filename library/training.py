@@ -87,6 +87,7 @@ def make_accelerator(config: RunConfig, tracker_name: str):
     if config.log.logging_dir:
         log_dir = str(Path(config.log.logging_dir) / f"{config.log.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # also makes a multi-process launch on CPUs use gloo DDP
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=mixed,
         log_with=config.log.log_with,
@@ -170,6 +171,20 @@ def _multiplier_context(network, multiplier):
         network.set_multiplier(previous)
 
 
+def _allow_fp16_gradient_unscaling(accelerator) -> None:
+    """``--full_fp16`` keeps the LoRA in fp16; torch's GradScaler refuses to unscale fp16 gradients
+    unless told to, so let it (what sd-scripts' train_network.py does for full fp16)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        return
+    unscale = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001 - torch's signature
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16
+
+
 def _optimizer_and_schedule(config: RunConfig, network):
     opt = config.optimizer
     lr = opt.unet_lr if opt.unet_lr is not None else opt.learning_rate
@@ -195,6 +210,16 @@ def _optimizer_name(optimizer, kwargs: dict) -> str:
     if kwargs:
         name += "(" + ",".join(f"{key}={value}" for key, value in kwargs.items()) + ")"
     return name
+
+
+def _broadcast_parameters(network, accelerator) -> None:
+    """Give every rank rank 0's LoRA weights (each rank initialised its own; DDP would do this on wrap)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for tensor in network.state_dict().values():
+        dist.broadcast(tensor, src=0)
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator) -> None:
@@ -453,7 +478,10 @@ class Trainer:
         self.fingerprint = {"network_module": cfg.network.module, "network_dim": cfg.network.dim,
                             "network_alpha": cfg.network.alpha, "optimizer_type": cfg.optimizer.optimizer_type.lower()}
         start_step = self.resume(network, optimizer, lr_scheduler, self.fingerprint)
+        _broadcast_parameters(network, accelerator)
         optimizer = accelerator.prepare(optimizer)
+        if cfg.train.full_fp16:
+            _allow_fp16_gradient_unscaling(accelerator)
         if is_schedule_free(cfg.optimizer.optimizer_type):
             optimizer.train()
         step_fn = LecoStep(unet, network, cache, model.scheduler_config, model.prediction_type, cfg.leco,
@@ -468,9 +496,10 @@ class Trainer:
         try:
             with _StopRequest() as stop:
                 last_loss = self.loop(step_fn, network, optimizer, lr_scheduler, params, grid_maker, start_step, stop)
+            self._check_ranks_agree(params)
+            final = self.save(network, optimizer, lr_scheduler, cfg.train.max_train_steps, final=True)
         finally:
-            accelerator.end_training()
-        final = self.save(network, optimizer, lr_scheduler, cfg.train.max_train_steps, final=True)
+            accelerator.end_training()  # flushes trackers; in multi-process runs also ends the process group
         return TrainResult(final_file=final, steps=cfg.train.max_train_steps, files=list(self.files), last_loss=last_loss)
 
     def loop(self, step_fn: LecoStep, network, optimizer, lr_scheduler, params, grid_maker, start_step: int, stop) -> float | None:
@@ -516,6 +545,18 @@ class Trainer:
                 self.sample(grid_maker, optimizer, step)
         progress.close()
         return last_loss
+
+    def _check_ranks_agree(self, params) -> None:
+        """With several processes, confirm every rank ends with the same LoRA (gradients were all-reduced)."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return
+        checksum = torch.stack([param.detach().double().sum() for param in params]).sum().float().to(self.device)
+        gathered = accelerator.gather(checksum.reshape(1))
+        if torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-5, atol=1e-6):
+            logger.info("LoRA identical on all %d processes", accelerator.num_processes)
+        else:
+            logger.error("LoRA differs between processes (checksums %s); please report this", gathered.tolist())
 
     def _step_logs(self, micro_losses, action_losses, optimizer, result) -> dict[str, float]:
         logs = {

@@ -7,26 +7,31 @@ bottom; the maths lives in ``leco_step``, ``targets`` and ``diffusion``.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import importlib
 import logging
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from library.config import RunConfig
-from library.errors import UserError
 from library.family import ModelFamily, family_for
 from library.leco_step import LecoStep
 from library.models import LoadedModel, load_base_model, load_vae
-from library.optimizers import create_lr_scheduler, create_optimizer, is_schedule_free, warmup_steps
+from library.optimizer_step import accumulate_and_step, broadcast_parameters, ranks_agree
+from library.optimizers import is_schedule_free
+from library.run_setup import (
+    allow_fp16_gradient_unscaling,
+    create_lora_network,
+    make_accelerator,
+    optimizer_and_schedule,
+    optimizer_name,
+    prepare_unet,
+    seeded_generator,
+    weight_dtype_for,
+)
 from library.sampling import SampleGridMaker, build_sample_scheduler, latent_preview, save_grid, vae_decoder
 from library.saving import (
     SAVE_DTYPES,
@@ -39,6 +44,7 @@ from library.saving import (
     step_metadata,
 )
 from library.state import check_fingerprint, load_state, save_state, state_dir_name
+from library.stop import StopRequest
 from networks.lora import kohya_aliases
 
 logger = logging.getLogger(__name__)
@@ -66,230 +72,6 @@ class TrainResult:
 # Set-up helpers
 
 
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def make_accelerator(config: RunConfig, tracker_name: str):
-    """An ``Accelerator`` for this run (precision, accumulation, trackers)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    # accelerate keeps process-wide singletons; a new run in the same process (a notebook, tests)
-    # must not inherit the previous run's precision or accumulation settings.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    mixed = config.train.mixed_precision
-    if mixed == "fp16" and not torch.cuda.is_available():
-        logger.warning("--mixed_precision fp16 needs a CUDA GPU; training in float32 on this machine")
-        mixed = "no"
-    log_dir = None
-    if config.log.logging_dir:
-        log_dir = str(Path(config.log.logging_dir) / f"{config.log.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # also makes a multi-process launch on CPUs use gloo DDP
-        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-        mixed_precision=mixed,
-        log_with=config.log.log_with,
-        project_dir=log_dir,
-    )
-    if accelerator.is_main_process and config.log.log_with:
-        accelerator.init_trackers(config.log.log_tracker_name or tracker_name, config=_tracker_config(config))
-    return accelerator
-
-
-def _tracker_config(config: RunConfig) -> dict[str, Any]:
-    values = {}
-    for key, value in config.effective_args.items():
-        values[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return values
-
-
-def _seeded_generator(seed: int | None, rank: int) -> torch.Generator:
-    """The run's CPU generator (settings, k, noise); each rank draws differently."""
-    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
-    return torch.Generator().manual_seed(seed + 1_000_003 * rank)
-
-
-def _prepare_unet(unet: torch.nn.Module, device, dtype: torch.dtype, attention: str, checkpointing: bool) -> torch.nn.Module:
-    unet.requires_grad_(False)
-    unet.to(device=device)
-    if next(unet.parameters()).dtype != dtype:
-        unet.to(dtype=dtype)
-    unet.eval()
-    if attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    return unet
-
-
-def _create_network(config: RunConfig, unet: torch.nn.Module):
-    """The LoRA network from ``--network_module``, applied to the U-Net, weights loaded if asked."""
-    module = importlib.import_module(config.network.module)
-    net_cfg = config.network
-    args = dict(net_cfg.args)
-    ours = config.network.module == "networks.lora"
-    if config.network.module.startswith("lycoris") and "preset" not in args:
-        # LyCORIS' "full" preset wraps diffusers' TimestepEmbedding twice and fails; this preset
-        # covers the transformer blocks, like networks.lora's default.
-        args["preset"] = "unet-transformer-only"
-        logger.info("LyCORIS: using --network_args preset=unet-transformer-only (pass preset=... to change it)")
-    try:
-        if net_cfg.dim_from_weights:
-            network, _ = module.create_network_from_weights(1.0, net_cfg.weights, None, [], unet, **args)
-        else:
-            network = module.create_network(1.0, net_cfg.dim, net_cfg.alpha, None, [], unet, neuron_dropout=net_cfg.dropout, **args)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"--network_args/--network_module: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a third-party module's failure, reported in one line
-        if ours:
-            raise
-        raise UserError(f"--network_module {config.network.module} could not build the network: {type(exc).__name__}: {exc}") from None
-    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
-    if not any(param.requires_grad for param in network.parameters()) and not list(network.parameters()):
-        raise UserError(f"--network_module {config.network.module}: the network has no parameters (the preset/options select no layers)")
-    if net_cfg.weights:
-        try:
-            info = network.load_weights(net_cfg.weights)
-        except ValueError as exc:
-            raise UserError(f"--network_weights: {exc}") from None
-        logger.info("loaded LoRA weights from %s %s", net_cfg.weights, info if info else "")
-    if not hasattr(network, "multiplier_context"):
-        network.multiplier_context = _multiplier_context.__get__(network)
-    return network
-
-
-@contextlib.contextmanager
-def _multiplier_context(network, multiplier):
-    """Fallback for network modules without ``multiplier_context`` (e.g. LyCORIS)."""
-    previous = getattr(network, "multiplier", 1.0)
-    network.set_multiplier(multiplier)
-    try:
-        yield
-    finally:
-        network.set_multiplier(previous)
-
-
-def _allow_fp16_gradient_unscaling(accelerator) -> None:
-    """``--full_fp16`` keeps the LoRA in fp16; torch's GradScaler refuses to unscale fp16 gradients
-    unless told to, so let it (what sd-scripts' train_network.py does for full fp16)."""
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is None:
-        return
-    unscale = scaler._unscale_grads_
-
-    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001 - torch's signature
-        return unscale(optimizer, inv_scale, found_inf, True)
-
-    scaler._unscale_grads_ = unscale_allowing_fp16
-
-
-def _optimizer_and_schedule(config: RunConfig, network):
-    opt = config.optimizer
-    lr = opt.unet_lr if opt.unet_lr is not None else opt.learning_rate
-    params = network.prepare_optimizer_params(None, lr, opt.learning_rate)
-    if isinstance(params, tuple):  # newer kohya protocol returns (groups, descriptions)
-        params = params[0]
-    optimizer = create_optimizer(opt.optimizer_type, params, opt.learning_rate, dict(opt.optimizer_args))
-    if is_schedule_free(opt.optimizer_type):
-        return optimizer, None
-    if opt.optimizer_type.lower() == "adafactor" and opt.optimizer_args.get("relative_step"):
-        from transformers.optimization import AdafactorSchedule
-
-        return optimizer, AdafactorSchedule(optimizer)
-    warmup = warmup_steps(opt.lr_warmup_steps, config.train.max_train_steps)
-    schedule = create_lr_scheduler(optimizer, opt.lr_scheduler, warmup, config.train.max_train_steps,
-                                   opt.lr_scheduler_num_cycles, opt.lr_scheduler_power)
-    return optimizer, schedule
-
-
-def _optimizer_name(optimizer, kwargs: dict) -> str:
-    inner = getattr(optimizer, "optimizer", optimizer)
-    name = f"{type(inner).__module__}.{type(inner).__name__}"
-    if kwargs:
-        name += "(" + ",".join(f"{key}={value}" for key, value in kwargs.items()) + ")"
-    return name
-
-
-def _broadcast_parameters(network, accelerator) -> None:
-    """Give every rank rank 0's LoRA weights (each rank initialised its own; DDP would do this on wrap)."""
-    if accelerator.num_processes == 1:
-        return
-    import torch.distributed as dist
-
-    for tensor in network.state_dict().values():
-        dist.broadcast(tensor, src=0)
-
-
-def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator) -> None:
-    """Average LoRA gradients over processes in one flattened all-reduce.
-
-    The LoRA is hooked into the U-Net and never called through a DDP wrapper, so DDP would not
-    reduce its gradients; ranks would drift apart.
-    """
-    grads = [param.grad for param in params if param.grad is not None]
-    if accelerator.num_processes == 1 or not grads:
-        return
-    flat = torch.cat([grad.flatten() for grad in grads])
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
-
-
-def accumulate_and_step(accelerator, compute, optimizer, lr_scheduler, params: list[torch.nn.Parameter],
-                        max_grad_norm: float, check_loss=None):
-    """One micro-step: forward/backward under gradient accumulation, then (on the last micro-step)
-    all-reduce, clip, optimizer and schedule step, and only then zero the gradients.
-
-    ``compute()`` returns an object with a ``loss`` attribute (or a tensor). Zeroing after the step
-    is what makes accumulation equal a larger batch; sd-scripts' LECO zeroes at the start of every
-    micro-step and keeps only the last micro-step's gradient.
-    """
-    with accelerator.accumulate():
-        result = compute()
-        loss = result.loss if hasattr(result, "loss") else result
-        if check_loss is not None:
-            check_loss(loss)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            _all_reduce_grads(params, accelerator)
-            if max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        if accelerator.sync_gradients and lr_scheduler is not None and not accelerator.optimizer_step_was_skipped:
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return result
-
-
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between optimizer steps (a second Ctrl-C aborts)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("stop requested (%s): saving at the end of this step", signal.Signals(signum).name)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        return False
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -302,13 +84,13 @@ class Trainer:
         self.family: ModelFamily = family_for(config.model.family, config.model.max_token_length, config.model.clip_skip)
         self.accelerator = make_accelerator(config, self.family.tracker_name)
         self.device = self.accelerator.device
-        self.weight_dtype = _weight_dtype(self.accelerator.mixed_precision)
+        self.weight_dtype = weight_dtype_for(self.accelerator.mixed_precision)
         self.output_dir = Path(config.output.output_dir)
         self.extension = config.output.save_model_as
         self.files: list[Path] = []
         self.started_at = time.time()
         self.session_id = random.SystemRandom().randrange(2**31)
-        self.generator = _seeded_generator(config.train.seed, self.accelerator.process_index)
+        self.generator = seeded_generator(config.train.seed, self.accelerator.process_index)
         if config.train.seed is not None:
             torch.manual_seed(config.train.seed + self.accelerator.process_index)
 
@@ -342,7 +124,7 @@ class Trainer:
         return cache.to(self.device, self.weight_dtype)
 
     def build_network(self, unet):
-        network = _create_network(self.config, unet)
+        network = create_lora_network(self.config, unet)
         network_dtype = self.weight_dtype if (self.config.train.full_bf16 or self.config.train.full_fp16) else torch.float32
         network.to(device=self.device, dtype=network_dtype)
         if hasattr(network, "prepare_grad_etc"):
@@ -450,7 +232,7 @@ class Trainer:
             f"processes {self.accelerator.num_processes}",
             f"LoRA: {len(getattr(network, 'unet_loras', []))} modules, {trainable:,} trainable parameters, "
             f"dim {cfg.network.dim}, alpha {cfg.network.alpha} ({cfg.network.module})",
-            f"optimizer: {_optimizer_name(optimizer, cfg.optimizer.optimizer_args)}, lr {cfg.optimizer.unet_lr or cfg.optimizer.learning_rate}, "
+            f"optimizer: {optimizer_name(optimizer, cfg.optimizer.optimizer_args)}, lr {cfg.optimizer.unet_lr or cfg.optimizer.learning_rate}, "
             f"schedule {cfg.optimizer.lr_scheduler}",
             f"precision: {self.accelerator.mixed_precision} (U-Net {str(self.weight_dtype).replace('torch.', '')}), device {self.device}, "
             f"attention {cfg.train.attention}{', gradient checkpointing' if cfg.train.gradient_checkpointing else ''}",
@@ -470,18 +252,18 @@ class Trainer:
         accelerator = self.accelerator
         model = self.load_model()
         cache = self.cache_prompts(model)
-        unet = _prepare_unet(model.unet, self.device, self.weight_dtype, cfg.train.attention, cfg.train.gradient_checkpointing)
+        unet = prepare_unet(model.unet, self.device, self.weight_dtype, cfg.train.attention, cfg.train.gradient_checkpointing)
         network = self.build_network(unet)
         foreign_sdxl = self.family.name == "sdxl" and cfg.network.module != "networks.lora"
         self.sgm_aliases = kohya_aliases(unet) if foreign_sdxl else None
-        optimizer, lr_scheduler = _optimizer_and_schedule(cfg, network)
+        optimizer, lr_scheduler = optimizer_and_schedule(cfg, network)
         self.fingerprint = {"network_module": cfg.network.module, "network_dim": cfg.network.dim,
                             "network_alpha": cfg.network.alpha, "optimizer_type": cfg.optimizer.optimizer_type.lower()}
         start_step = self.resume(network, optimizer, lr_scheduler, self.fingerprint)
-        _broadcast_parameters(network, accelerator)
+        broadcast_parameters(network, accelerator)
         optimizer = accelerator.prepare(optimizer)
         if cfg.train.full_fp16:
-            _allow_fp16_gradient_unscaling(accelerator)
+            allow_fp16_gradient_unscaling(accelerator)
         if is_schedule_free(cfg.optimizer.optimizer_type):
             optimizer.train()
         step_fn = LecoStep(unet, network, cache, model.scheduler_config, model.prediction_type, cfg.leco,
@@ -489,14 +271,15 @@ class Trainer:
         self.hashes = BaseModelHashes(cfg.model.path)
         network_args = dict(cfg.network.args)
         self.static_metadata = build_metadata(cfg, model.kind, model.prediction_type, self.started_at, self.session_id,
-                                              self.hashes, network_args, _optimizer_name(optimizer, cfg.optimizer.optimizer_args))
+                                              self.hashes, network_args, optimizer_name(optimizer, cfg.optimizer.optimizer_args))
         grid_maker = self.make_grid_maker(model, step_fn, network, cache)
         self.log_summary(model, network, optimizer, start_step)
         params = [param for param in network.parameters() if param.requires_grad]
         try:
-            with _StopRequest() as stop:
+            with StopRequest() as stop:
                 last_loss = self.loop(step_fn, network, optimizer, lr_scheduler, params, grid_maker, start_step, stop)
-            self._check_ranks_agree(params)
+            if accelerator.num_processes > 1 and ranks_agree(params, accelerator, self.device):
+                logger.info("LoRA identical on all %d processes", accelerator.num_processes)
             final = self.save(network, optimizer, lr_scheduler, cfg.train.max_train_steps, final=True)
         finally:
             accelerator.end_training()  # flushes trackers; in multi-process runs also ends the process group
@@ -545,18 +328,6 @@ class Trainer:
                 self.sample(grid_maker, optimizer, step)
         progress.close()
         return last_loss
-
-    def _check_ranks_agree(self, params) -> None:
-        """With several processes, confirm every rank ends with the same LoRA (gradients were all-reduced)."""
-        accelerator = self.accelerator
-        if accelerator.num_processes == 1:
-            return
-        checksum = torch.stack([param.detach().double().sum() for param in params]).sum().float().to(self.device)
-        gathered = accelerator.gather(checksum.reshape(1))
-        if torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-5, atol=1e-6):
-            logger.info("LoRA identical on all %d processes", accelerator.num_processes)
-        else:
-            logger.error("LoRA differs between processes (checksums %s); please report this", gathered.tolist())
 
     def _step_logs(self, micro_losses, action_losses, optimizer, result) -> dict[str, float]:
         logs = {

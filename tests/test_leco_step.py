@@ -13,7 +13,8 @@ from library.family import family_for
 from library.leco_step import LecoStep, random_resolution
 from library.models import load_base_model
 from library.prompts import PromptSetting
-from library.training import _prepare_unet, accumulate_and_step
+from library.optimizer_step import accumulate_and_step
+from library.run_setup import prepare_unet
 from networks.lora import create_network
 
 SETTING = PromptSetting(target="van gogh", positive="van gogh", unconditional="", neutral="", action="erase",
@@ -26,7 +27,7 @@ def make_step(folder, config: LecoConfig, family: str = "sd", settings=(SETTING,
     fam = family_for(family)
     prompts = [prompt for setting in settings for prompt in setting.prompts]
     cache = fam.encode(model, prompts, torch.device("cpu"))
-    unet = _prepare_unet(model.unet, torch.device("cpu"), torch.float32, "sdpa", False)
+    unet = prepare_unet(model.unet, torch.device("cpu"), torch.float32, "sdpa", False)
     network = create_network(1.0, 4, 1.0, None, [], unet)
     network.apply_to()
     with torch.no_grad():  # a non-zero LoRA, so that "LoRA on" and "LoRA off" differ

@@ -126,7 +126,7 @@ def _peak_rss_gib() -> float:
 def build_step(args, mode: str):
     from library.family import family_for
     from library.models import load_base_model
-    from library.training import _prepare_unet
+    from library.run_setup import prepare_unet
     from networks.lora import create_network
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -138,7 +138,7 @@ def build_step(args, mode: str):
                             multiplier=1.0, weight=1.0)
     cache = family.encode(model, list(setting.prompts), device).to(device, dtype)
     model.release_text_encoders()
-    unet = _prepare_unet(model.unet, device, dtype, "xformers" if args.xformers else "sdpa", args.gradient_checkpointing)
+    unet = prepare_unet(model.unet, device, dtype, "xformers" if args.xformers else "sdpa", args.gradient_checkpointing)
     network = create_network(1.0, args.network_dim, args.network_dim / 2, None, [], unet)
     network.apply_to()
     network.to(device)

@@ -18,7 +18,6 @@ the layout AUTOMATIC1111, ComfyUI and Forge expect.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -30,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from networks.sgm_names import diffusers_to_sgm
+from networks.lora_files import load_lora_file, lora_hashes, read_lora_metadata, save_lora_file
+from networks.sgm_names import LORA_PREFIX_UNET, canonical_weights, is_sdxl_unet, kohya_aliases, lora_name_for
 
 logger = logging.getLogger(__name__)
 
-LORA_PREFIX_UNET = "lora_unet"
 TRANSFORMER_CLASSES = ("Transformer2DModel",)
 RESNET_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 
@@ -185,19 +184,6 @@ def _keep_for_method(path: str, method: str) -> bool:
     if method == "noxattn":
         return ".attn2." not in path
     raise ValueError(method)
-
-
-def is_sdxl_unet(unet: nn.Module) -> bool:
-    """SDXL U-Nets have ``text_time`` additional embeddings; their LoRA keys use SGM names."""
-    config = getattr(unet, "config", None)
-    return getattr(config, "addition_embed_type", None) == "text_time"
-
-
-def lora_name_for(path: str, unet: nn.Module) -> str:
-    """The kohya key prefix for the U-Net module at ``path``."""
-    if is_sdxl_unet(unet):
-        path = diffusers_to_sgm(path, unet.config)
-    return f"{LORA_PREFIX_UNET}_{path.replace('.', '_')}"
 
 
 def find_target_modules(
@@ -425,108 +411,6 @@ class LoRANetwork(nn.Module):
         self.restore()
 
 
-def kohya_aliases(unet: nn.Module) -> dict[str, str]:
-    """For SDXL: diffusers-style kohya names (``lora_unet_down_blocks_...``) -> SGM kohya names.
-
-    Covers every Linear/Conv2d of the U-Net, so files from other tools (and LyCORIS networks,
-    which name diffusers U-Net layers by their diffusers paths) can be read and rewritten in the
-    layout the UIs expect.
-    """
-    if not is_sdxl_unet(unet):
-        return {}
-    aliases = {}
-    for path, module in unet.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            try:
-                aliases[f"{LORA_PREFIX_UNET}_{path.replace('.', '_')}"] = lora_name_for(path, unet)
-            except ValueError:
-                continue
-    return aliases
-
-
-def canonical_weights(weights: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Rename aliased keys (see :func:`kohya_aliases`) to the network's own names."""
-    renamed = {}
-    for key, value in weights.items():
-        name, sep, suffix = key.partition(".")
-        renamed[aliases.get(name, name) + sep + suffix] = value
-    return renamed
-
-
-# --- files ----------------------------------------------------------------------------------
-
-
-def addnet_model_hash(data: bytes) -> str:
-    """sha256 of a safetensors file's tensor bytes (header excluded), as sd-webui-additional-networks."""
-    header_length = int.from_bytes(data[:8], "little")
-    return hashlib.sha256(data[8 + header_length:]).hexdigest()
-
-
-def addnet_legacy_hash(data: bytes) -> str:
-    """The old 8-character hash of 64 KiB at offset 1 MiB (empty input beyond the end)."""
-    return hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-
-
-def lora_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
-    """``sshs_model_hash`` and ``sshs_legacy_hash``, computed over the tensors and the ``ss_*`` metadata only.
-
-    Only the immutable training metadata takes part, so editing user metadata later keeps the hash.
-    """
-    from safetensors.torch import save
-
-    training_only = {key: value for key, value in metadata.items() if key.startswith("ss_")}
-    data = save(state, training_only)
-    return addnet_model_hash(data), addnet_legacy_hash(data)
-
-
-def save_lora_file(state: dict[str, torch.Tensor], file: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write kohya-format LoRA tensors atomically; ``.safetensors`` files get metadata and hashes."""
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            metadata = dict(metadata or {})
-            model_hash, legacy_hash = lora_hashes(state, metadata)
-            metadata["sshs_model_hash"] = model_hash
-            metadata["sshs_legacy_hash"] = legacy_hash
-            save_file(state, str(tmp), metadata)
-        else:
-            torch.save(state, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; use the usual permissions
-        os.replace(tmp, file)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read LoRA tensors from ``.safetensors`` (or a ``.ckpt``/``.pt`` with plain tensors)."""
-    file = Path(file)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file))
-    return torch.load(file, map_location="cpu", weights_only=True)
-
-
-def read_lora_metadata(file: str | os.PathLike) -> dict[str, str]:
-    """The metadata dict of a ``.safetensors`` LoRA ({} for other formats)."""
-    file = Path(file)
-    if file.suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 def _float_arg(kwargs: dict, key: str) -> float | None:
     value = kwargs.get(key)
     if value is None or value == "":
@@ -645,6 +529,12 @@ def describe_network(network: LoRANetwork) -> dict[str, Any]:
 
 
 __all__ = [
+    "LORA_PREFIX_UNET",
+    "canonical_weights",
+    "find_target_modules",
+    "is_sdxl_unet",
+    "kohya_aliases",
+    "lora_name_for",
     "LoRAModule",
     "LoRANetwork",
     "create_network",

@@ -1,4 +1,4 @@
-"""Map diffusers U-Net module paths to the original SGM/LDM names (``input_blocks.4.1...``).
+"""LoRA key names: diffusers U-Net module paths, and the original SGM/LDM names (``input_blocks.4.1...``).
 
 SDXL LoRA files name modules the way Stability's original U-Net does; AUTOMATIC1111, ComfyUI,
 Forge and diffusers' kohya loader all read that layout. The mapping is pure arithmetic on the
@@ -11,6 +11,11 @@ the upsampler appended to the last one (at ``.2`` when the level has attention, 
 from __future__ import annotations
 
 import re
+
+import torch
+from torch import nn
+
+LORA_PREFIX_UNET = "lora_unet"
 
 # Inside a ResnetBlock2D, diffusers names -> original names.
 _RESNET_PARTS = {
@@ -97,3 +102,44 @@ def diffusers_to_sgm(path: str, unet_config) -> str:
         return f"output_blocks.{index}.1.{rest}"
 
     raise ValueError(f"no SGM name for U-Net module '{path}'")
+
+
+def is_sdxl_unet(unet: nn.Module) -> bool:
+    """SDXL U-Nets have ``text_time`` additional embeddings; their LoRA keys use SGM names."""
+    config = getattr(unet, "config", None)
+    return getattr(config, "addition_embed_type", None) == "text_time"
+
+
+def lora_name_for(path: str, unet: nn.Module) -> str:
+    """The kohya key prefix for the U-Net module at ``path``."""
+    if is_sdxl_unet(unet):
+        path = diffusers_to_sgm(path, unet.config)
+    return f"{LORA_PREFIX_UNET}_{path.replace('.', '_')}"
+
+
+def kohya_aliases(unet: nn.Module) -> dict[str, str]:
+    """For SDXL: diffusers-style kohya names (``lora_unet_down_blocks_...``) -> SGM kohya names.
+
+    Covers every Linear/Conv2d of the U-Net, so files from other tools (and LyCORIS networks,
+    which name diffusers U-Net layers by their diffusers paths) can be read and rewritten in the
+    layout the UIs expect.
+    """
+    if not is_sdxl_unet(unet):
+        return {}
+    aliases = {}
+    for path, module in unet.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            try:
+                aliases[f"{LORA_PREFIX_UNET}_{path.replace('.', '_')}"] = lora_name_for(path, unet)
+            except ValueError:
+                continue
+    return aliases
+
+
+def canonical_weights(weights: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Rename aliased keys (see :func:`kohya_aliases`) to the network's own names."""
+    renamed = {}
+    for key, value in weights.items():
+        name, sep, suffix = key.partition(".")
+        renamed[aliases.get(name, name) + sep + suffix] = value
+    return renamed

@@ -12,8 +12,8 @@ from library.config import LecoConfig
 from library.family import family_for
 from library.leco_step import LecoStep, random_resolution
 from library.models import load_base_model
-from library.prompts import PromptSetting
 from library.optimizer_step import accumulate_and_step
+from library.prompts import PromptSetting
 from library.run_setup import prepare_unet
 from networks.lora import create_network
 

@@ -338,24 +338,28 @@ def _expand_prompt_entry(entry: dict, defaults: dict, where: _Where) -> list[Pro
     if action not in ACTIONS:
         raise where.error(f"must be 'erase' or 'enhance', got {action!r}{_suggest(action, ACTIONS, 'values')}", "action")
     common = _common_fields(merged, where)
+    unconditional = _as_str(merged["unconditional"], "unconditional", where)
+    neutral = _as_str(merged["neutral"], "neutral", where)
     return [
-        PromptSetting(
-            target=target,
-            positive=positive,
-            unconditional=_as_str(merged["unconditional"], "unconditional", where),
-            neutral=_as_str(merged["neutral"], "neutral", where),
-            action=action,
-            guidance_scale=common.guidance_scale,
-            resolution=resolution,
-            batch_size=common.batch_size,
-            multiplier=common.multiplier,
-            weight=common.weight,
-            dynamic_resolution=common.dynamic_resolution,
-            dynamic_crops=common.dynamic_crops,
-            source=where.entry,
-        )
+        _setting(common, resolution, common.multiplier, where.entry, target=target, positive=positive,
+                 unconditional=unconditional, neutral=neutral, action=action)
         for resolution in common.resolutions
     ]
+
+
+def _setting(common: _Common, resolution: tuple[int, int], multiplier: float, source: str, **prompts: str) -> PromptSetting:
+    """A setting from its prompts/action and the entry's shared numeric fields."""
+    return PromptSetting(
+        **prompts,
+        guidance_scale=common.guidance_scale,
+        resolution=resolution,
+        batch_size=common.batch_size,
+        multiplier=multiplier,
+        weight=common.weight,
+        dynamic_resolution=common.dynamic_resolution,
+        dynamic_crops=common.dynamic_crops,
+        source=source,
+    )
 
 
 def _slider_directions(positive: str, negative: str, multiplier: float) -> list[tuple[str, str, str, float, str]]:
@@ -404,23 +408,8 @@ def _expand_target_entry(entry: dict, defaults: dict, default_neutrals: list[str
     for neutral in neutrals:
         for resolution in common.resolutions:
             for pole, anti_pole, action, multiplier, label in _slider_directions(positive, negative, common.multiplier):
-                settings.append(
-                    PromptSetting(
-                        target=target_class,
-                        positive=pole,
-                        unconditional=anti_pole,
-                        neutral=neutral,
-                        action=action,
-                        guidance_scale=common.guidance_scale,
-                        resolution=resolution,
-                        batch_size=common.batch_size,
-                        multiplier=multiplier,
-                        weight=common.weight,
-                        dynamic_resolution=common.dynamic_resolution,
-                        dynamic_crops=common.dynamic_crops,
-                        source=f"{where.entry} {label}",
-                    )
-                )
+                settings.append(_setting(common, resolution, multiplier, f"{where.entry} {label}", target=target_class,
+                                         positive=pole, unconditional=anti_pole, neutral=neutral, action=action))
     return settings
 
 

@@ -85,3 +85,29 @@ def scalars(log_dir: Path, tag: str) -> list[float]:
 
 def all_finite(values: list[float]) -> bool:
     return bool(values) and all(math.isfinite(value) for value in values)
+
+
+def export_single_file(tiny_dir: Path, path: Path, kind: str) -> Path:
+    """Write a tiny diffusers folder as one original-layout .safetensors (no VAE)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.ldm_convert import save_single_file
+
+    extra = {}
+    if kind == "sdxl":
+        extra["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(tiny_dir, subfolder="text_encoder_2")
+    return save_single_file(path, UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet"),
+                            CLIPTextModel.from_pretrained(tiny_dir, subfolder="text_encoder"), kind=kind, **extra)
+
+
+def config_only_copy(tiny_dir: Path, destination: Path) -> Path:
+    """The configs of a tiny diffusers folder without weights or tokenizers (for --model_config_dir)."""
+    for config in tiny_dir.glob("*/*config.json"):
+        target = destination / config.parent.name / config.name
+        if config.parent.name.startswith("tokenizer") or config.parent.name == "vae":
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(config.read_text())
+    (destination / "model_index.json").write_text((tiny_dir / "model_index.json").read_text())
+    return destination

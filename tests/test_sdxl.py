@@ -8,17 +8,25 @@ import logging
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import StableDiffusionXLPipeline
+from transformers import CLIPTokenizer
 
 import sdxl_train_leco
 import train_leco
 from library.config import LecoConfig
 from library.family import SDXLFamily
-from library.ldm_convert import save_single_file
 from library.prompts import PromptSetting
 from networks.lora import read_lora_metadata
-from tests.helpers import all_finite, base_argv, lora_changed, lora_tensors, scalars, write_prompts
+from tests.helpers import (
+    all_finite,
+    base_argv,
+    config_only_copy,
+    export_single_file,
+    lora_changed,
+    lora_tensors,
+    scalars,
+    write_prompts,
+)
 from tests.test_leco_step import make_step
 
 
@@ -108,19 +116,8 @@ def test_sdxl_output_loads_in_diffusers_and_changes_the_output(tiny_sdxl_dir, tm
 @pytest.mark.slow
 def test_train_sdxl_from_a_single_file_with_cached_tokenizers(tiny_sdxl_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    checkpoint = save_single_file(
-        tmp_path / "tiny_xl.safetensors",
-        UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet"),
-        CLIPTextModel.from_pretrained(tiny_sdxl_dir, subfolder="text_encoder"),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_dir, subfolder="text_encoder_2"),
-        kind="sdxl",
-    )
-    configs = tmp_path / "configs"
-    for sub, name in (("unet", "config.json"), ("text_encoder", "config.json"), ("text_encoder_2", "config.json"),
-                      ("scheduler", "scheduler_config.json")):
-        (configs / sub).mkdir(parents=True)
-        (configs / sub / name).write_text((tiny_sdxl_dir / sub / name).read_text())
-    (configs / "model_index.json").write_text((tiny_sdxl_dir / "model_index.json").read_text())
+    checkpoint = export_single_file(tiny_sdxl_dir, tmp_path / "tiny_xl.safetensors", "sdxl")
+    configs = config_only_copy(tiny_sdxl_dir, tmp_path / "configs")
     cache = tmp_path / "tokenizers"
     for sub, hub_id in (("tokenizer", "openai/clip-vit-large-patch14"), ("tokenizer_2", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")):
         CLIPTokenizer.from_pretrained(str(tiny_sdxl_dir / sub)).save_pretrained(str(cache / hub_id.replace("/", "_")))

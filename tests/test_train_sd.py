@@ -11,9 +11,17 @@ from transformers import CLIPTokenizer
 
 import train_leco
 from library import leco_step, training
-from library.ldm_convert import save_single_file
 from networks.lora import read_lora_metadata
-from tests.helpers import all_finite, base_argv, lora_changed, lora_tensors, scalars, write_prompts
+from tests.helpers import (
+    all_finite,
+    base_argv,
+    config_only_copy,
+    export_single_file,
+    lora_changed,
+    lora_tensors,
+    scalars,
+    write_prompts,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -71,22 +79,9 @@ def _tokenizer_cache(tiny_dir, cache):
 
 
 def test_train_from_a_single_file_offline(tiny_sd_dir, tmp_path, monkeypatch):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    checkpoint = save_single_file(
-        tmp_path / "tiny_sd.safetensors",
-        UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"),
-        CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder"),
-        kind="sd1",
-    )
-    configs = tmp_path / "configs"  # a config-only copy of the tiny model (no weights, no tokenizer)
-    for sub in ("unet", "text_encoder", "scheduler"):
-        (configs / sub).mkdir(parents=True)
-        name = "scheduler_config.json" if sub == "scheduler" else "config.json"
-        (configs / sub / name).write_text((tiny_sd_dir / sub / name).read_text())
-    (configs / "model_index.json").write_text((tiny_sd_dir / "model_index.json").read_text())
+    checkpoint = export_single_file(tiny_sd_dir, tmp_path / "tiny_sd.safetensors", "sd1")
+    configs = config_only_copy(tiny_sd_dir, tmp_path / "configs")
     cache = _tokenizer_cache(tiny_sd_dir, tmp_path / "tokenizers")
     prompts = write_prompts(tmp_path, "erase")
     argv = base_argv(checkpoint, prompts, tmp_path / "out") + [
@@ -101,16 +96,8 @@ def test_train_from_a_single_file_offline(tiny_sd_dir, tmp_path, monkeypatch):
 
 
 def test_single_file_without_tokenizer_offline_is_one_clear_line(tiny_sd_dir, tmp_path, monkeypatch, capsys):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    checkpoint = save_single_file(
-        tmp_path / "m.safetensors",
-        UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"),
-        CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder"),
-        kind="sd1",
-    )
+    checkpoint = export_single_file(tiny_sd_dir, tmp_path / "m.safetensors", "sd1")
     argv = base_argv(checkpoint, write_prompts(tmp_path, "erase"), tmp_path / "out") + ["--tokenizer_cache_dir", str(tmp_path / "empty")]
     assert train_leco.main(argv) == 2
     err = capsys.readouterr().err

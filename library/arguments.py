@@ -185,7 +185,8 @@ def _add_training_args(group) -> None:
     group.add_argument("--seed", type=int, default=None, help="random seed (same seed and flags give the same LoRA)")
     group.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
                        help="micro-steps per optimizer step; equivalent to a larger batch (default 1)")
-    group.add_argument("--mixed_precision", default="no", choices=MIXED_PRECISIONS, help="autocast precision (default no)")
+    group.add_argument("--mixed_precision", default=None, choices=MIXED_PRECISIONS,
+                       help="autocast precision (default: what `accelerate launch --mixed_precision` set, else no)")
     group.add_argument("--full_bf16", action="store_true", help="keep the LoRA weights in bf16 too (needs --mixed_precision bf16)")
     group.add_argument("--full_fp16", action="store_true", help="keep the LoRA weights in fp16 too (needs --mixed_precision fp16)")
     group.add_argument("--gradient_checkpointing", action="store_true", help="recompute U-Net activations to save memory")

@@ -109,6 +109,18 @@ def _check_existing(flag: str, path: str | None) -> None:
         raise UserError(f"--{flag}: not found: {path}")
 
 
+def _check_network_args(module: str, items: list[str] | None) -> None:
+    """networks.lora's options are checked here, before any model is loaded."""
+    if module != "networks.lora":
+        return
+    from networks.lora import validate_network_args
+
+    try:
+        validate_network_args(parse_key_values(items, "--network_args"))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _check_network_module(name: str) -> None:
     try:
         found = importlib.util.find_spec(name)
@@ -131,10 +143,18 @@ def _check_attention(args: argparse.Namespace) -> str:
     return "xformers"
 
 
+def mixed_precision_of(args: argparse.Namespace) -> str:
+    """``--mixed_precision``, else what ``accelerate launch --mixed_precision`` set, else "no"."""
+    value = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if value not in ("no", "fp16", "bf16"):
+        raise UserError(f"accelerate launch --mixed_precision {value} is not supported; use no, fp16 or bf16")
+    return value
+
+
 def _check_precision(args: argparse.Namespace) -> None:
-    if args.full_bf16 and args.mixed_precision != "bf16":
+    if args.full_bf16 and mixed_precision_of(args) != "bf16":
         raise UserError("--full_bf16 needs --mixed_precision bf16")
-    if args.full_fp16 and args.mixed_precision != "fp16":
+    if args.full_fp16 and mixed_precision_of(args) != "fp16":
         raise UserError("--full_fp16 needs --mixed_precision fp16")
     if args.full_bf16 and args.full_fp16:
         raise UserError("use either --full_bf16 or --full_fp16, not both")
@@ -195,9 +215,14 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
     _check_model_path(args.pretrained_model_name_or_path)
     for flag in ("network_weights", "resume", "model_config_dir"):
         _check_existing(flag, getattr(args, flag))
-    if args.model_config_dir and not Path(args.pretrained_model_name_or_path).expanduser().is_file():
-        raise UserError("--model_config_dir only applies to single-file checkpoints (.safetensors/.ckpt)")
+    if args.model_config_dir:
+        if not Path(args.pretrained_model_name_or_path).expanduser().is_file():
+            raise UserError("--model_config_dir only applies to single-file checkpoints (.safetensors/.ckpt)")
+        for needed in ("model_index.json", "unet/config.json"):
+            if not (Path(args.model_config_dir).expanduser() / needed).is_file():
+                raise UserError(f"--model_config_dir: {args.model_config_dir} has no {needed} (give a diffusers-layout config folder)")
     _check_network_module(args.network_module)
+    _check_network_args(args.network_module, args.network_args)
     attention = _check_attention(args)
     optimizer_type = _optimizer_type(args)
     prompts = load_prompt_file(args.prompts_file)
@@ -253,7 +278,7 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
         max_train_steps=args.max_train_steps,
         seed=args.seed,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision=mixed_precision_of(args),
         full_bf16=args.full_bf16,
         full_fp16=args.full_fp16,
         gradient_checkpointing=args.gradient_checkpointing,

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from library.errors import UserError
 
@@ -51,6 +52,10 @@ def main(argv: Sequence[str] | None, family: str) -> int:
             if not args.config_file:
                 raise UserError("--output_config needs --config_file PATH to write to")
             check_flags(args, family)
+            target = Path(args.config_file).expanduser()
+            target = target if target.suffix == ".toml" else target.with_name(target.name + ".toml")
+            if target.exists():
+                raise UserError(f"--output_config: {target} exists; remove it or give another --config_file path")
             path = write_config_file(args.config_file, effective_args(args))
             print(f"wrote {path}")
             return 0

@@ -41,6 +41,8 @@ def random_resolution(height: int, width: int, generator: torch.Generator, step:
             continue
         if bucket_height * bucket_width >= 0.8 * area:
             buckets.append((bucket_height, bucket_width))
+            buckets.append((bucket_width, bucket_height))  # portrait and landscape alike
+    buckets = sorted(set(buckets))
     if not buckets:
         return (height, width)
     return buckets[int(torch.randint(len(buckets), (), generator=generator))]

@@ -452,7 +452,9 @@ def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml
     if not target_entries:
         for key in TARGET_ONLY_DEFAULT_KEYS:
             if key in data:
-                raise top.error(f"'{key}' is a default for [[targets]] only; set it inside each entry instead", key)
+                fix = ("write one [[prompts]] entry per resolution" if key == "resolutions"
+                       else "set it inside each [[prompts]] entry instead")
+                raise top.error(f"'{key}' is a default for [[targets]] only; {fix}", key)
     _check_top_level_defaults(data, top)
     shared = {key: data[key] for key in SHARED_DEFAULT_KEYS if key in data}
     target_defaults = {**shared, **({"resolutions": data["resolutions"]} if "resolutions" in data else {})}

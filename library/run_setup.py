@@ -90,11 +90,14 @@ def create_lora_network(config: RunConfig, unet: torch.nn.Module):
         logger.info("LyCORIS: using --network_args preset=unet-transformer-only (pass preset=... to change it)")
     try:
         if net_cfg.dim_from_weights:
+            if net_cfg.dropout is not None:
+                args.setdefault("dropout", str(net_cfg.dropout))
             network, _ = module.create_network_from_weights(1.0, net_cfg.weights, None, [], unet, **args)
         else:
             network = module.create_network(1.0, net_cfg.dim, net_cfg.alpha, None, [], unet, neuron_dropout=net_cfg.dropout, **args)
     except (ValueError, TypeError) as exc:
-        raise UserError(f"--network_args/--network_module: {exc}") from None
+        message = str(exc)
+        raise UserError(message if message.startswith("--") else f"--network_args: {message}") from None
     except Exception as exc:  # noqa: BLE001 - a third-party module's failure, reported in one line
         if ours:
             raise

@@ -146,12 +146,20 @@ class SampleGridMaker:
                                      (1, 4, height // 8, width // 8), prompt.steps, prompt.guidance_scale, generator, self.device)
         return self.decode(latents)[0]
 
-    def grid(self, prompts: Sequence[SamplePrompt], multipliers: Sequence[float], sampler: str) -> Image.Image:
+    def grid(self, prompts: Sequence[SamplePrompt], multipliers: Sequence[float], sampler: str,
+             should_stop: Callable[[], bool] = lambda: False) -> Image.Image | None:
+        """The grid, or None when ``should_stop()`` turned true part-way (a stop was requested)."""
         was_training = self.network.training
         self.network.eval()
+        images = []
         try:
-            images = [[self._one(prompt, multiplier, sampler, index) for multiplier in multipliers]
-                      for index, prompt in enumerate(prompts)]
+            for index, prompt in enumerate(prompts):
+                row = []
+                for multiplier in multipliers:
+                    if should_stop():
+                        return None
+                    row.append(self._one(prompt, multiplier, sampler, index))
+                images.append(row)
         finally:
             self.network.train(was_training)
         return make_grid(images, [prompt.prompt or '""' for prompt in prompts], [f"x{m:g}" for m in multipliers])

@@ -92,8 +92,12 @@ def _plain(value: Any) -> str:
 
 
 def build_metadata(config: RunConfig, kind: str, prediction_type: str, started_at: float, session_id: int,
-                   hashes: BaseModelHashes, network_args: dict[str, Any], optimizer_name: str) -> dict[str, str]:
-    """The static part of a LoRA's metadata (``ss_*`` as sd-scripts writes, LECO keys, modelspec)."""
+                   hashes: BaseModelHashes, network_args: dict[str, Any], optimizer_name: str,
+                   network_dim: int, network_alpha: float) -> dict[str, str]:
+    """The static part of a LoRA's metadata (``ss_*`` as sd-scripts writes, LECO keys, modelspec).
+
+    ``network_dim``/``network_alpha`` are the built network's (read from the file with --dim_from_weights).
+    """
     opt, net, leco, train, out, model = (config.optimizer, config.network, config.leco, config.train,
                                          config.output, config.model)
     resolutions = sorted({setting.resolution for setting in config.prompts.settings})
@@ -113,8 +117,8 @@ def build_metadata(config: RunConfig, kind: str, prediction_type: str, started_a
         "ss_optimizer": optimizer_name,
         "ss_max_grad_norm": str(opt.max_grad_norm),
         "ss_network_module": net.module,
-        "ss_network_dim": str(net.dim),
-        "ss_network_alpha": str(net.alpha),
+        "ss_network_dim": str(network_dim),
+        "ss_network_alpha": str(network_alpha),
         "ss_network_dropout": str(net.dropout),
         "ss_network_args": json.dumps(network_args, ensure_ascii=False),
         "ss_mixed_precision": train.mixed_precision,

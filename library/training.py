@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from library.config import RunConfig
+from library.errors import UserError
 from library.family import ModelFamily, family_for
 from library.leco_step import LecoStep
 from library.models import LoadedModel, load_base_model, load_vae
@@ -146,6 +147,8 @@ class Trainer:
         if self.accelerator.process_index == 0:
             self.generator.set_state(state.generator)
             torch.set_rng_state(state.torch_rng)
+            if state.cuda_rng is not None and torch.cuda.is_available() and len(state.cuda_rng) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state.cuda_rng)
         else:  # other ranks continue from a deterministic, rank-specific stream
             self.generator.manual_seed(int(torch.randint(2**31, (), generator=torch.Generator().manual_seed(state.step)))
                                        + self.accelerator.process_index)
@@ -181,17 +184,20 @@ class Trainer:
             prune_step_files(self.output_dir, out.output_name, self.extension, step, out.save_last_n_steps)
         return path
 
-    def sample(self, grid_maker: SampleGridMaker | None, optimizer, step: int) -> None:
+    def sample(self, grid_maker: SampleGridMaker | None, optimizer, step: int, stop) -> None:
         if grid_maker is None or not self.accelerator.is_main_process:
             return
         eval_mode = getattr(optimizer, "eval", None) if is_schedule_free(self.config.optimizer.optimizer_type) else None
         if eval_mode:
             eval_mode()
         try:
-            image = grid_maker.grid(self.config.sample.prompts, self.config.sample.multipliers, self.config.sample.sampler)
+            image = grid_maker.grid(self.config.sample.prompts, self.config.sample.multipliers, self.config.sample.sampler,
+                                    should_stop=lambda: stop.requested)
         finally:
             if eval_mode:
                 optimizer.train()
+        if image is None:
+            return
         path = save_grid(image, self.output_dir / "sample", f"{self.config.output.output_name}_{step:06d}")
         logger.info("sample grid %s", path)
         for tracker in self.accelerator.trackers:
@@ -204,10 +210,18 @@ class Trainer:
         sample = self.config.sample
         if not sample.prompts or not self.accelerator.is_main_process:
             return None
-        vae = load_vae(self.config.model.vae, model.kind) if self.config.model.vae else model.load_vae()
-        decode = vae_decoder(vae, self.device) if vae is not None else latent_preview
-        if vae is None:
-            logger.info("sample images show latents directly (the model has no VAE)")
+        if (Path(self.config.model.path) / "concept_world.json").is_file():
+            from library.concept_world.sampling import latents_to_rgb
+
+            decode = latents_to_rgb  # the concept world's latents are the picture
+        else:
+            try:
+                vae = load_vae(self.config.model.vae, model.kind) if self.config.model.vae else model.load_vae()
+            except (ValueError, OSError) as exc:
+                raise UserError(f"--sample_prompts: cannot load a VAE to decode samples ({exc}); pass --vae PATH") from None
+            decode = vae_decoder(vae, self.device) if vae is not None else latent_preview
+            if vae is None:
+                logger.info("sample images show latents directly (the model has no VAE)")
         size = self.config.prompts.settings[0].resolution
         cfg = self.config.model
 
@@ -257,8 +271,10 @@ class Trainer:
         foreign_sdxl = self.family.name == "sdxl" and cfg.network.module != "networks.lora"
         self.sgm_aliases = kohya_aliases(unet) if foreign_sdxl else None
         optimizer, lr_scheduler = optimizer_and_schedule(cfg, network)
-        self.fingerprint = {"network_module": cfg.network.module, "network_dim": cfg.network.dim,
-                            "network_alpha": cfg.network.alpha, "optimizer_type": cfg.optimizer.optimizer_type.lower()}
+        network_dim = getattr(network, "lora_dim", cfg.network.dim)
+        network_alpha = float(getattr(network, "alpha", cfg.network.alpha))
+        self.fingerprint = {"network_module": cfg.network.module, "network_dim": network_dim,
+                            "network_alpha": network_alpha, "optimizer_type": cfg.optimizer.optimizer_type.lower()}
         start_step = self.resume(network, optimizer, lr_scheduler, self.fingerprint)
         broadcast_parameters(network, accelerator)
         optimizer = accelerator.prepare(optimizer)
@@ -271,7 +287,8 @@ class Trainer:
         self.hashes = BaseModelHashes(cfg.model.path)
         network_args = dict(cfg.network.args)
         self.static_metadata = build_metadata(cfg, model.kind, model.prediction_type, self.started_at, self.session_id,
-                                              self.hashes, network_args, optimizer_name(optimizer, cfg.optimizer.optimizer_args))
+                                              self.hashes, network_args, optimizer_name(optimizer, cfg.optimizer.optimizer_args),
+                                              network_dim, network_alpha)
         grid_maker = self.make_grid_maker(model, step_fn, network, cache)
         self.log_summary(model, network, optimizer, start_step)
         params = [param for param in network.parameters() if param.requires_grad]
@@ -294,7 +311,8 @@ class Trainer:
         progress = tqdm(total=cfg.train.max_train_steps, initial=start_step, disable=not accelerator.is_main_process,
                         desc="steps", dynamic_ncols=True)
         if cfg.sample.at_first and start_step == 0:
-            self.sample(grid_maker, optimizer, 0)
+            self.sample(grid_maker, optimizer, 0, stop)
+        self._stop_if_requested(stop, None, network, optimizer, lr_scheduler, progress)
         step = start_step
         micro_losses: list[float] = []
         action_losses: dict[str, list[float]] = {}
@@ -318,16 +336,24 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{logs['lr']:.3g}")
             accelerator.log(logs, step=step)
-            if stop.requested:
-                self.save(network, optimizer, lr_scheduler, step, final=False)
-                progress.close()
-                raise TrainingInterrupted(f"stopped at step {step}; saved {self.files[-1] if self.files else 'nothing'}")
+            self._stop_if_requested(stop, step, network, optimizer, lr_scheduler, progress)
             if cfg.output.save_every_n_steps and step % cfg.output.save_every_n_steps == 0 and step < cfg.train.max_train_steps:
                 self.save(network, optimizer, lr_scheduler, step, final=False)
             if cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0:
-                self.sample(grid_maker, optimizer, step)
+                self.sample(grid_maker, optimizer, step, stop)
+                self._stop_if_requested(stop, step, network, optimizer, lr_scheduler, progress)
         progress.close()
         return last_loss
+
+    def _stop_if_requested(self, stop, step: int | None, network, optimizer, lr_scheduler, progress) -> None:
+        """After a completed step (``step``) or before the first one (None): save and stop if asked to."""
+        if not stop.requested:
+            return
+        progress.close()
+        if step is None:
+            raise TrainingInterrupted("stopped before the first step; nothing new to save")
+        self.save(network, optimizer, lr_scheduler, step, final=False)
+        raise TrainingInterrupted(f"stopped at step {step}; saved {self.files[-1] if self.files else 'nothing'}")
 
     def _step_logs(self, micro_losses, action_losses, optimizer, result) -> dict[str, float]:
         logs = {

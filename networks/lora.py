@@ -421,6 +421,38 @@ def _float_arg(kwargs: dict, key: str) -> float | None:
         raise ValueError(f"--network_args {key}={value}: must be a number") from None
 
 
+def validate_network_args(kwargs: dict[str, Any]) -> str:
+    """Check ``--network_args`` for networks.lora (no model needed); returns the train_method.
+
+    Raises:
+        ValueError: naming the bad option.
+    """
+    unknown = [key for key in kwargs if key not in NETWORK_ARG_KEYS]
+    if unknown:
+        raise ValueError(f"--network_args: unknown option '{unknown[0]}' for networks.lora (known: {', '.join(NETWORK_ARG_KEYS)})")
+    train_method = str(kwargs.get("train_method") or "full").replace("-", "_")
+    if train_method not in TRAIN_METHODS:
+        raise ValueError(f"--network_args train_method={train_method}: use one of {', '.join(TRAIN_METHODS)}")
+    for key in ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio"):
+        _float_arg(kwargs, key)
+    conv_dim = _float_arg(kwargs, "conv_dim")
+    if conv_dim is not None and (conv_dim < 1 or conv_dim != int(conv_dim)):
+        raise ValueError(f"--network_args conv_dim={kwargs['conv_dim']}: must be a positive integer")
+    if conv_dim and train_method in ("xattn", "xattn_strict", "selfattn"):
+        raise ValueError(f"--network_args: conv_dim adds ResNet convs, which train_method={train_method} excludes")
+    for key in ("dropout", "rank_dropout", "module_dropout"):
+        value = _float_arg(kwargs, key)
+        if value is not None and not 0 <= value < 1:
+            raise ValueError(f"--network_args {key}={value}: must be in [0, 1)")
+    for key in ("include", "exclude"):
+        if kwargs.get(key):
+            try:
+                re.compile(kwargs[key])
+            except re.error as exc:
+                raise ValueError(f"--network_args {key}={kwargs[key]}: not a regular expression ({exc})") from None
+    return train_method
+
+
 def create_network(
     multiplier: float,
     network_dim: int | None,
@@ -438,22 +470,9 @@ def create_network(
     noxattn), ``include`` / ``exclude`` (regular expressions on the ``lora_unet_...`` names),
     ``loraplus_lr_ratio``.
     """
-    unknown = [key for key in kwargs if key not in NETWORK_ARG_KEYS]
-    if unknown:
-        raise ValueError(f"--network_args: unknown option '{unknown[0]}' for networks.lora (known: {', '.join(NETWORK_ARG_KEYS)})")
-    train_method = str(kwargs.get("train_method") or "full").replace("-", "_")
-    if train_method not in TRAIN_METHODS:
-        raise ValueError(f"--network_args train_method={train_method}: use one of {', '.join(TRAIN_METHODS)}")
+    train_method = validate_network_args(kwargs)
     conv_dim = _float_arg(kwargs, "conv_dim")
     conv_alpha = _float_arg(kwargs, "conv_alpha")
-    if conv_dim is not None and (conv_dim < 1 or conv_dim != int(conv_dim)):
-        raise ValueError(f"--network_args conv_dim={kwargs['conv_dim']}: must be a positive integer")
-    if conv_dim and train_method in ("xattn", "xattn_strict", "selfattn"):
-        raise ValueError(f"--network_args: conv_dim adds ResNet convs, which train_method={train_method} excludes")
-    for key in ("rank_dropout", "module_dropout"):
-        value = _float_arg(kwargs, key)
-        if value is not None and not 0 <= value < 1:
-            raise ValueError(f"--network_args {key}={value}: must be in [0, 1)")
     dropout = neuron_dropout if neuron_dropout is not None else _float_arg(kwargs, "dropout")
     ratio = _float_arg(kwargs, "loraplus_lr_ratio") or _float_arg(kwargs, "loraplus_unet_lr_ratio")
     network = LoRANetwork(
@@ -509,7 +528,9 @@ def create_network_from_weights(
         alpha=max(modules_alpha.values()) if modules_alpha else max(modules_dim.values()),
         modules_dim=modules_dim,
         modules_alpha=modules_alpha,
-        dropout=kwargs.get("dropout"),
+        dropout=_float_arg(kwargs, "dropout"),
+        rank_dropout=_float_arg(kwargs, "rank_dropout"),
+        module_dropout=_float_arg(kwargs, "module_dropout"),
     )
     unmatched = sorted(set(modules_dim) - {lora.lora_name for lora in network.unet_loras})
     if unmatched:

@@ -621,3 +621,47 @@ def test_sample_prompt_file_errors(tmp_path, text, fragment):
         load_sample_prompts(path)
     assert str(info.value).startswith("--sample_prompts: ")
     assert fragment in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks added after review: validation before any model is loaded, precision from accelerate
+
+
+@pytest.mark.parametrize("network_args, fragment", [
+    (["conv_dim=4", "train_method=xattn"], "conv_dim"),
+    (["include=("], "include"),
+    (["rank_dropout=2"], "rank_dropout"),
+    (["block_dims=1,2"], "block_dims"),
+])
+def test_network_args_are_checked_before_loading(network_args, fragment, tiny_sd_dir, workdir, capsys, no_training):
+    assert train_leco.main(base_args(tiny_sd_dir, workdir) + ["--network_args", *network_args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --network_args") and fragment in err[0]
+
+
+def test_output_config_refuses_to_overwrite(tiny_sd_dir, workdir, capsys):
+    existing = workdir / "existing.toml"
+    existing.write_text("network_dim = 8\n", encoding="utf-8")
+    assert train_leco.main(base_args(tiny_sd_dir, workdir) + ["--output_config", "--config_file", str(existing)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert existing.read_text(encoding="utf-8") == "network_dim = 8\n"
+
+
+def test_mixed_precision_defaults_to_accelerate_launch_setting(tiny_sd_dir, workdir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    args, _ = parse_namespace(base_args(tiny_sd_dir, workdir) + ["--full_bf16"], "sd")
+    assert build_run_config(args, "sd").train.mixed_precision == "bf16"
+    args, _ = parse_namespace(base_args(tiny_sd_dir, workdir) + ["--mixed_precision", "no"], "sd")
+    assert build_run_config(args, "sd").train.mixed_precision == "no"  # the flag wins
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    args, _ = parse_namespace(base_args(tiny_sd_dir, workdir), "sd")
+    assert build_run_config(args, "sd").train.mixed_precision == "no"
+
+
+def test_model_config_dir_must_be_a_config_folder(tiny_sd_dir, workdir, capsys, no_training):
+    checkpoint = workdir / "model.safetensors"
+    checkpoint.write_bytes(b"\0" * 16)
+    argv = drop(base_args(tiny_sd_dir, workdir), "--pretrained_model_name_or_path") + [
+        "--pretrained_model_name_or_path", str(checkpoint), "--model_config_dir", str(workdir)]
+    assert train_leco.main(argv) == 2
+    assert "model_index.json" in capsys.readouterr().err

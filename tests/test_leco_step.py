@@ -175,3 +175,4 @@ def test_random_resolution_buckets(size):
         assert height % 64 == 0 and width % 64 == 0
         assert 0.8 * area <= height * width <= area
         assert 0.5 <= width / height <= 2.0
+    assert {(h, w) for h, w in seen if h != w} == {(w, h) for h, w in seen if h != w}  # portrait and landscape alike

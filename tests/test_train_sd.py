@@ -269,3 +269,22 @@ def test_sample_images_during_training(tiny_sd_dir, tmp_path):
     assert grids == ["leco_000000.png", "leco_000002.png"]
     image = Image.open(out / "sample" / "leco_000002.png")
     assert image.width > 3 * 64 and image.height > 2 * 64  # 3 multipliers x 2 prompts of 64 px tiles
+
+
+def test_stop_during_the_first_sample_grid_exits_without_files(tiny_sd_dir, tmp_path, monkeypatch):
+    from library import sampling
+
+    original = sampling.SampleGridMaker._one
+
+    def one(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sampling.SampleGridMaker, "_one", one)
+    samples = tmp_path / "samples.txt"
+    samples.write_text("van gogh --s 2\na photo --s 2\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), out, steps=5) + [
+        "--sample_prompts", str(samples), "--sample_at_first", "--sample_every_n_steps", "5"]
+    assert train_leco.main(argv) == 130
+    assert not out.exists() or not any(out.rglob("*.safetensors")) and not any(out.rglob("*.png"))

@@ -1,0 +1,90 @@
+"""The evaluator's pure parts: what it infers from a LoRA's prompt file, what it samples, its metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from library.errors import UserError
+from library.evaluation import (
+    EvalPlan,
+    erase_metrics,
+    open_metrics,
+    plan_from_flags,
+    plan_from_prompt_text,
+    prompt_sets,
+)
+
+
+def test_plan_from_an_erase_prompt_file():
+    assert plan_from_prompt_text('[[prompts]]\ntarget = "red"\naction = "erase"') == EvalPlan("erase", "color", "red")
+    assert plan_from_prompt_text('[[prompts]]\ntarget = "large"\naction = "enhance"') == EvalPlan("enhance", "size", "large")
+
+
+@pytest.mark.parametrize("poles, expected", [
+    ('positive = "a large circle"\nnegative = "a small circle"', EvalPlan("slider", "size", "large", "small")),
+    ('positive = "a large circle"', EvalPlan("slider", "size", "large", None)),
+    ('negative = "a small circle"', EvalPlan("slider", "size", None, "small")),
+])
+def test_plan_from_a_slider_prompt_file(poles, expected):
+    text = f'[[targets]]\ntarget_class = "a circle"\n{poles}'
+    assert plan_from_prompt_text(text) == expected
+
+
+def test_plan_from_flags():
+    assert plan_from_flags(None, None, "large,small") == EvalPlan("slider", "size", "large", "small")
+    assert plan_from_flags("blue", None, None) == EvalPlan("erase", "color", "blue")
+    assert plan_from_flags(None, None, None) is None
+    with pytest.raises(UserError):
+        plan_from_flags("red", "large", None)
+    with pytest.raises(UserError):
+        plan_from_flags(None, None, "large,red")  # two different attributes
+
+
+def test_prompt_sets():
+    erase = prompt_sets(EvalPlan("erase", "color", "red"))
+    assert len(erase["target"]) == 6 and all("red" in prompt for prompt in erase["target"])
+    assert len(erase["others"]) == 18 and not any("red" in prompt for prompt in erase["others"])
+    open_prompts = prompt_sets(EvalPlan("slider", "size", "large", "small"))["open"]
+    assert len(open_prompts) == 12 and not any("large" in p or "small" in p for p in open_prompts)
+    assert "a red circle" in open_prompts
+
+
+def _samples(values: list[tuple[str, str, str]]) -> list[dict]:
+    return [{"size": s, "color": c, "shape": h} for s, c, h in values]
+
+
+def test_erase_metrics_by_hand():
+    plan = EvalPlan("erase", "color", "red")
+    expected_target = _samples([("large", "red", "circle")] * 4)
+    expected_other = _samples([("small", "blue", "square")] * 2)
+    results = {
+        0.0: {"target": (_samples([("large", "red", "circle")] * 4), expected_target),
+              "others": (_samples([("small", "blue", "square")] * 2), expected_other)},
+        1.0: {"target": (_samples([("large", "red", "circle"), ("large", "green", "circle"),
+                                   ("large", "green", "circle"), ("small", "none", "circle")]), expected_target),
+              "others": (_samples([("small", "blue", "square"), ("small", "blue", "circle")]), expected_other)},
+    }
+    metrics = erase_metrics(plan, results)
+    assert metrics["per_multiplier"][1.0]["target_rate"] == 0.25
+    assert metrics["erase_efficacy"] == 0.75  # 1 - 0.25 / 1.0
+    # other attributes of target prompts: size right 3/4, shape right 4/4 -> 7/8
+    assert metrics["per_multiplier"][1.0]["preserved_other_attributes"] == 0.875
+    assert metrics["preservation_other_prompts"] == pytest.approx(5 / 6, abs=1e-4)
+
+
+def test_slider_metrics_and_monotonicity():
+    plan = EvalPlan("slider", "size", "large", "small")
+    expected = _samples([("", "red", "circle")] * 4)
+    for key in expected:
+        del key["size"]
+
+    def at(n_large: int):
+        sizes = ["large"] * n_large + ["small"] * (4 - n_large)
+        return {"open": (_samples([(size, "red", "circle") for size in sizes]), expected)}
+
+    metrics = open_metrics(plan, {-1.0: at(0), 0.0: at(2), 1.0: at(4)})
+    assert metrics["monotonic"] and metrics["span"] == 1.0
+    assert metrics["per_multiplier"][0.0] == {"preserved_other_attributes": 1.0, "rate": 0.5, "negative_rate": 0.5}
+    assert not open_metrics(plan, {-1.0: at(3), 0.0: at(2), 1.0: at(4)})["monotonic"]
+    enhance = open_metrics(EvalPlan("enhance", "size", "large"), {0.0: at(1), 1.0: at(3)})
+    assert enhance["enhance_strength"] == 0.5

@@ -288,3 +288,26 @@ def test_stop_during_the_first_sample_grid_exits_without_files(tiny_sd_dir, tmp_
         "--sample_prompts", str(samples), "--sample_at_first", "--sample_every_n_steps", "5"]
     assert train_leco.main(argv) == 130
     assert not out.exists() or not any(out.rglob("*.safetensors")) and not any(out.rglob("*.png"))
+
+
+def test_many_step_options_together(tiny_sd_dir, tmp_path):
+    """Options that change the step but not the files: they must run end to end and reach the metadata."""
+    prompts = tmp_path / "dyn.toml"
+    prompts.write_text('[[prompts]]\ntarget = "van gogh"\nresolution = 128\ndynamic_resolution = true\nbatch_size = 2\n',
+                       encoding="utf-8")
+    out = tmp_path / "out"
+    argv = base_argv(tiny_sd_dir, prompts, out, steps=3) + [
+        "--max_token_length", "150", "--clip_skip", "2", "--noise_offset", "0.05", "--leco_legacy_timestep",
+        "--leco_denoise_sampler", "ddim", "--loss_type", "huber", "--huber_schedule", "exponential",
+        "--leco_denoise_with_frozen", "--lr_scheduler", "cosine_with_restarts", "--lr_warmup_steps", "0.5",
+        "--optimizer_args", "weight_decay=0.1", "betas=0.9,0.99", "--network_args", "train_method=xattn",
+        "--unet_lr", "5e-4",
+    ]
+    assert train_leco.main(argv) == 0
+    metadata = read_lora_metadata(out / "leco.safetensors")
+    assert metadata["ss_max_token_length"] == "150" and metadata["ss_clip_skip"] == "2"
+    assert metadata["ss_loss_type"] == "huber" and metadata["ss_leco_legacy_timestep"] == "True"
+    assert metadata["ss_leco_denoise_sampler"] == "ddim" and metadata["ss_unet_lr"] == "0.0005"
+    assert "weight_decay=0.1" in metadata["ss_optimizer"]
+    keys = lora_tensors(out / "leco.safetensors").keys()
+    assert keys and all("attn2" in key for key in keys)  # train_method=xattn

@@ -65,6 +65,8 @@ def plan_from_prompt_text(toml_text: str) -> EvalPlan:
     first = settings[0]
     if not first.source.startswith("[[targets]]"):
         words = _concept_words(first.positive) or _concept_words(first.target)
+        context = _concept_words(first.unconditional)
+        words = {attribute: value for attribute, value in words.items() if context.get(attribute) != value}
         if len(words) != 1:
             raise UserError(f"cannot tell which concept the LoRA {first.action}s from {first.positive!r}; pass --{first.action} WORD")
         (attribute, value), = words.items()
@@ -135,8 +137,14 @@ def _accuracy(predicted: Sequence[dict], expected: Sequence[dict], skip: str | N
     return sum(a == b for a, b in pairs) / max(len(pairs), 1)
 
 
-def erase_metrics(plan: EvalPlan, results: dict[float, dict[str, tuple[list, list]]]) -> dict:
-    """Target rate and preservation per multiplier, and efficacy ``1 - rate(1) / rate(0)``."""
+def erase_metrics(plan: EvalPlan, results: dict[float, dict[str, tuple[list, list]]], unprompted_rate: float | None = None) -> dict:
+    """Target rate and preservation per multiplier, and efficacy ``1 - rate(1) / rate(0)``.
+
+    LECO's erase maps the concept onto what the frozen model draws when the concept is not asked
+    for, so the erased value can only fall to its ``unprompted_rate`` (how often the model draws it
+    unasked: about 1/4 for one of four colours). ``erased_to_chance`` measures against that floor:
+    1.0 means "red" no longer makes red any likelier than not asking for a colour.
+    """
     per = {}
     for multiplier, groups in results.items():
         target_pred, target_exp = groups["target"]
@@ -154,6 +162,11 @@ def erase_metrics(plan: EvalPlan, results: dict[float, dict[str, tuple[list, lis
             "preservation_other_attributes": round(on["preserved_other_attributes"] / max(base["preserved_other_attributes"], 1e-9), 4),
             "preservation_other_prompts": round(on["preserved_other_prompts"] / max(base["preserved_other_prompts"], 1e-9), 4),
         }
+        if unprompted_rate is not None:
+            summary["unprompted_rate"] = round(unprompted_rate, 4)
+            headroom = base["target_rate"] - unprompted_rate
+            if headroom > 0:
+                summary["erased_to_chance"] = round((base["target_rate"] - on["target_rate"]) / headroom, 4)
     return {"per_multiplier": per, **summary}
 
 
@@ -192,6 +205,9 @@ def load_pipeline(model: str | Path, lora: str | Path):
     index = json.loads((Path(model) / "model_index.json").read_text(encoding="utf-8"))
     pipeline_class = StableDiffusionXLPipeline if "text_encoder_2" in index else StableDiffusionPipeline
     extra = {} if pipeline_class is StableDiffusionXLPipeline else {"safety_checker": None, "requires_safety_checker": False}
+    for name in ("vae", "feature_extractor", "image_encoder"):  # absent parts (the concept world has no VAE)
+        if not (isinstance(index.get(name), list) and index[name][0]):
+            extra[name] = None
     pipe = pipeline_class.from_pretrained(str(model), **extra)
     pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
     pipe.set_progress_bar_config(disable=True)
@@ -258,7 +274,12 @@ def evaluate_concept_lora(model: str | Path, lora: str | Path, plan: EvalPlan, o
             if name == first_group:
                 first_seed = latents[:: len(seeds)][: len(grid_prompts)]
                 columns[multiplier] = latents_to_rgb(first_seed)
-    metrics = erase_metrics(plan, results) if plan.mode == "erase" else open_metrics(plan, results)
+    if plan.mode == "erase":
+        unprompted = prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
+        latents = concept_samples(pipe, unprompted, seeds, 0.0, options.steps, options.guidance_scale)
+        metrics = erase_metrics(plan, results, _rate(classify_latents(latents), plan.attribute, plan.value))
+    else:
+        metrics = open_metrics(plan, results)
     images = [[columns[m][row] for m in options.multipliers] for row in range(len(grid_prompts))]
     grid = make_grid(images, grid_prompts, [f"x{m:g}" for m in options.multipliers])
     report = {

@@ -18,6 +18,8 @@ from library.evaluation import (
 def test_plan_from_an_erase_prompt_file():
     assert plan_from_prompt_text('[[prompts]]\ntarget = "red"\naction = "erase"') == EvalPlan("erase", "color", "red")
     assert plan_from_prompt_text('[[prompts]]\ntarget = "large"\naction = "enhance"') == EvalPlan("enhance", "size", "large")
+    enhance_in_context = '[[prompts]]\ntarget = "a circle"\npositive = "a small circle"\nunconditional = "a circle"\naction = "enhance"'
+    assert plan_from_prompt_text(enhance_in_context) == EvalPlan("enhance", "size", "small")
 
 
 @pytest.mark.parametrize("poles, expected", [
@@ -64,9 +66,10 @@ def test_erase_metrics_by_hand():
                                    ("large", "green", "circle"), ("small", "none", "circle")]), expected_target),
               "others": (_samples([("small", "blue", "square"), ("small", "blue", "circle")]), expected_other)},
     }
-    metrics = erase_metrics(plan, results)
+    metrics = erase_metrics(plan, results, unprompted_rate=0.25)
     assert metrics["per_multiplier"][1.0]["target_rate"] == 0.25
     assert metrics["erase_efficacy"] == 0.75  # 1 - 0.25 / 1.0
+    assert metrics["erased_to_chance"] == 1.0  # down to how often red comes unasked
     # other attributes of target prompts: size right 3/4, shape right 4/4 -> 7/8
     assert metrics["per_multiplier"][1.0]["preserved_other_attributes"] == 0.875
     assert metrics["preservation_other_prompts"] == pytest.approx(5 / 6, abs=1e-4)

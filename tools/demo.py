@@ -43,7 +43,7 @@ def train(model: Path, name: str, prompts: str, out: Path, steps: int, extra: li
         "--output_name", name,
         "--max_train_steps", str(steps),
         "--max_denoising_steps", "20",
-        "--learning_rate", "1e-3",
+        "--learning_rate", "2e-3",
         "--network_dim", "4",
         "--network_alpha", "4",
         "--seed", "0",
@@ -70,7 +70,8 @@ def describe(name: str, what: str, report: dict, seconds: float) -> list[str]:
             lines.append(f"  LoRA x{multiplier:g}: {value} drawn {row['target_rate']:.0%} of the time when asked for; "
                          f"other attributes right {row['preserved_other_attributes']:.0%}; "
                          f"other prompts right {row['preserved_other_prompts']:.0%}")
-        lines.append(f"  erase efficacy {metrics['erase_efficacy']:.0%}, other prompts preserved "
+        lines.append(f"  erase efficacy {metrics['erase_efficacy']:.0%} ({report['plan']['value']} drawn unasked: {metrics['unprompted_rate']:.0%}, "
+                     f"so {metrics.get('erased_to_chance', 0):.0%} of the way to chance); other prompts keep "
                      f"{metrics['preservation_other_prompts']:.0%} of their base accuracy")
     else:
         plan = report["plan"]
@@ -86,7 +87,7 @@ def describe(name: str, what: str, report: dict, seconds: float) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "demo_output", help="where LoRAs, grids and reports go")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per LoRA (default 200)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps per LoRA (default 150)")
     parser.add_argument("--seeds", type=int, default=4, help="evaluation seeds per prompt (default 4)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

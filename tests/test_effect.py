@@ -1,0 +1,80 @@
+"""Does it work? LECO LoRAs trained on the concept world change what it draws, as intended.
+
+Each test trains a LoRA with ``train_leco.main`` from a prompt file in ``examples/`` and evaluates it
+the way a user would load it (diffusers ``load_lora_weights``), classifying every sample. The
+thresholds leave margin below what was measured with these exact settings (docs/evaluation.md):
+
+| run | measured (seed 0) | asserted |
+|---|---|---|
+| erase "red": red rate when asked for, x0 -> x1 | 1.00 -> 0.21 (chance 0.25) | x1 <= 0.45, erased_to_chance >= 0.7 |
+| erase "red": other prompts' accuracy kept | 99.5 % | >= 90 % |
+| erase "red": size/shape of red prompts kept at x1 | 85-94 % | >= 75 % |
+| slider large/small: large rate at -1, 0, 1 | 0.21, 0.81, 0.98 | monotonic, span >= 0.5 |
+| enhance "small": small rate unasked, x0 -> x1 | see docs | + 0.25 or more |
+
+The first test builds the concept-world model if it is not cached (about 5 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import train_leco
+from library.evaluation import EvalOptions, evaluate_concept_lora, plan_from_prompt_text
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+STEPS = 150
+OPTIONS = EvalOptions(seeds_per_prompt=4, steps=25, guidance_scale=5.0)
+
+
+@pytest.fixture(scope="module")
+def concept_model() -> Path:
+    from library.concept_world.model import ensure_concept_model
+
+    return ensure_concept_model()
+
+
+def train_and_evaluate(model: Path, example: str, out: Path, multipliers=(0.0, 1.0)) -> dict:
+    prompts = ROOT / "examples" / example
+    name = prompts.stem
+    argv = [
+        "--pretrained_model_name_or_path", str(model), "--prompts_file", str(prompts),
+        "--output_dir", str(out), "--output_name", name, "--max_train_steps", str(STEPS),
+        "--max_denoising_steps", "20", "--learning_rate", "2e-3", "--network_dim", "4", "--network_alpha", "4",
+        "--seed", "0",
+    ]
+    assert train_leco.main(argv) == 0
+    plan = plan_from_prompt_text(prompts.read_text(encoding="utf-8"))
+    options = EvalOptions(**{**OPTIONS.__dict__, "multipliers": tuple(multipliers)})
+    report, grid = evaluate_concept_lora(model, out / f"{name}.safetensors", plan, options)
+    grid.save(out / f"{name}.eval.png")
+    return report["metrics"]
+
+
+def test_erase_removes_the_concept_and_keeps_the_rest(concept_model, tmp_path):
+    metrics = train_and_evaluate(concept_model, "concept_erase_red.toml", tmp_path)
+    base, erased = metrics["per_multiplier"][0.0], metrics["per_multiplier"][1.0]
+    assert base["target_rate"] >= 0.9  # the model draws red when asked
+    assert erased["target_rate"] <= 0.45
+    assert metrics["erased_to_chance"] >= 0.7
+    assert metrics["preservation_other_prompts"] >= 0.9
+    assert erased["preserved_other_attributes"] >= 0.75
+
+
+def test_slider_is_monotonic_across_minus_one_zero_one(concept_model, tmp_path):
+    metrics = train_and_evaluate(concept_model, "concept_slider_size.toml", tmp_path, multipliers=(-1.0, 0.0, 1.0))
+    per = metrics["per_multiplier"]
+    assert metrics["monotonic"]
+    assert metrics["span"] >= 0.5
+    assert per[1.0]["rate"] > per[0.0]["rate"] > per[-1.0]["rate"]
+    assert all(row["preserved_other_attributes"] >= 0.85 for row in per.values())
+
+
+def test_enhance_increases_its_attribute(concept_model, tmp_path):
+    metrics = train_and_evaluate(concept_model, "concept_enhance_small.toml", tmp_path)
+    assert metrics["enhance_strength"] >= 0.25
+    assert metrics["per_multiplier"][1.0]["preserved_other_attributes"] >= 0.85

@@ -31,9 +31,10 @@ from library.config import (
 )
 from library.config_file import read_config_file, write_config_file
 from library.errors import UserError
-from library.optimizers import literal_values, parse_key_values, resolve_optimizer
+from library.optimizers import check_optimizer, literal_values, parse_key_values, resolve_optimizer
 from library.prompts import load_prompt_file
 from library.sample_prompts import load_sample_prompts
+from library.state import check_state_folder
 
 __all__ = [
     "REJECTED_FLAGS", "build_run_config", "check_flags", "effective_args", "parse_namespace", "read_config_file",
@@ -131,9 +132,24 @@ def _check_network_module(name: str) -> None:
         raise UserError(f"--network_module: cannot import '{name}'{hint}")
 
 
+def _check_network_weights(path: str, module: str) -> None:
+    """``--network_weights`` must be a readable LoRA file (kohya names for networks.lora)."""
+    from networks.lora_files import lora_file_keys
+
+    try:
+        keys = lora_file_keys(Path(path).expanduser())
+    except ValueError as exc:
+        raise UserError(f"--network_weights: {exc}") from None
+    if module == "networks.lora" and not any(key.endswith(".lora_down.weight") for key in keys):
+        raise UserError(f"--network_weights: {Path(path).name} has no kohya LoRA keys (*.lora_down.weight); "
+                        f"first key: {keys[0]}")
+
+
 def _check_attention(args: argparse.Namespace) -> str:
     if not args.xformers:
         return "sdpa"
+    if args.sdpa:
+        raise UserError("--sdpa and --xformers both given: choose one attention implementation")
     if importlib.util.find_spec("xformers") is None:
         raise UserError("--xformers: xformers is not installed (pip install xformers), or use --sdpa")
     import torch
@@ -213,6 +229,10 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
     check_flags(args, family)
     _require(args)
     _check_model_path(args.pretrained_model_name_or_path)
+    single_file = Path(args.pretrained_model_name_or_path).expanduser().is_file()
+    if args.zero_terminal_snr and single_file and not args.v_parameterization:  # single files predict epsilon unless told
+        raise UserError("--zero_terminal_snr needs a v-prediction model: at zero terminal SNR an epsilon model's first sampling "
+                        "step divides by zero (add --v_parameterization if the model predicts v)")
     for flag in ("network_weights", "resume", "model_config_dir"):
         _check_existing(flag, getattr(args, flag))
     if args.model_config_dir:
@@ -223,6 +243,10 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
                 raise UserError(f"--model_config_dir: {args.model_config_dir} has no {needed} (give a diffusers-layout config folder)")
     _check_network_module(args.network_module)
     _check_network_args(args.network_module, args.network_args)
+    if args.network_weights:
+        _check_network_weights(args.network_weights, args.network_module)
+    if args.resume:
+        check_state_folder(args.resume)
     attention = _check_attention(args)
     optimizer_type = _optimizer_type(args)
     prompts = load_prompt_file(args.prompts_file)
@@ -261,6 +285,7 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
         lr_scheduler_num_cycles=args.lr_scheduler_num_cycles,
         lr_scheduler_power=args.lr_scheduler_power,
     )
+    check_optimizer(optimizer.optimizer_type, optimizer.unet_lr or optimizer.learning_rate, optimizer.optimizer_args)
     leco = LecoConfig(
         max_denoising_steps=args.max_denoising_steps,
         denoise_guidance_scale=args.leco_denoise_guidance_scale,

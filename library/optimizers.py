@@ -112,7 +112,8 @@ def literal_values(raw: dict[str, str]) -> dict[str, Any]:
     return values
 
 
-def create_optimizer(name: str, params: list[dict], learning_rate: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+def create_optimizer(name: str, params: list[dict], learning_rate: float, kwargs: dict[str, Any],
+                     announce: bool = True) -> torch.optim.Optimizer:
     """Instantiate the optimizer for the LoRA parameter groups.
 
     Args:
@@ -120,21 +121,34 @@ def create_optimizer(name: str, params: list[dict], learning_rate: float, kwargs
         params: parameter groups (each may carry its own ``lr``).
         learning_rate: default learning rate.
         kwargs: parsed ``--optimizer_args``.
+        announce: log advice about the learning rate (off for :func:`check_optimizer`).
     """
     spec = resolve_optimizer(name)
     optimizer_class = getattr(importlib.import_module(spec.module), spec.class_name, None)
     if optimizer_class is None:
         raise UserError(f"--optimizer_type: {spec.module} has no class {spec.class_name}")
     options = {**dict(spec.defaults), **kwargs}
-    if spec.class_name == "Prodigy" and learning_rate < 0.1:
+    if announce and spec.class_name == "Prodigy" and learning_rate < 0.1:
         logger.warning("Prodigy adapts the step size itself and expects --learning_rate around 1.0 (got %g)", learning_rate)
     if spec.class_name == "Adafactor" and options.get("relative_step"):
-        logger.info("Adafactor with relative_step=True ignores --learning_rate")
+        if announce:
+            logger.info("Adafactor with relative_step=True ignores --learning_rate")
         learning_rate = None
     try:
         return optimizer_class(params, lr=learning_rate, **options)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # unknown keyword, or a value out of range (betas, eps ...)
         raise UserError(f"--optimizer_args: {spec.class_name} rejected the arguments: {exc}") from None
+
+
+def check_optimizer(name: str, learning_rate: float, kwargs: dict[str, Any]) -> None:
+    """Build the optimizer once on a throw-away parameter, so bad ``--optimizer_args`` (an unknown
+    keyword, ``betas=0.9,1.5``, a negative ``eps``) fail before any model is loaded.
+
+    Raises:
+        UserError: the optimizer rejects the arguments or the learning rate.
+    """
+    probe = torch.nn.Parameter(torch.zeros(8))
+    create_optimizer(name, [{"params": [probe], "lr": learning_rate}], learning_rate, kwargs, announce=False)
 
 
 def warmup_steps(value: float, max_train_steps: int) -> int:

@@ -86,6 +86,14 @@ class PromptSetting:
     source: str = ""  # where it came from, e.g. "[[targets]][1] +"
 
     @property
+    def log_group(self) -> str:
+        """The TensorBoard group of this setting's loss: its action, or ``slider+``/``slider-`` for the
+        two directions of a ``[[targets]]`` slider (whose settings all "enhance")."""
+        if self.source.startswith("[[targets]]"):
+            return "slider+" if self.source.endswith("+") else "slider-"
+        return self.action
+
+    @property
     def prompts(self) -> tuple[str, ...]:
         """Every prompt this setting needs encoded."""
         return (self.target, self.positive, self.unconditional, self.neutral)
@@ -240,7 +248,10 @@ def _read_neutral_file(value: Any, base_dir: Path, where: _Where) -> list[str]:
         path = base_dir / path
     if not path.is_file():
         raise where.error(f"file not found: {path}", "neutral_prompt_file")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise where.error(f"{path} is not a UTF-8 text file", "neutral_prompt_file") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not prompts:
         raise where.error(f"{path} holds no prompts (blank lines and # lines are skipped)", "neutral_prompt_file")

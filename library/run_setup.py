@@ -71,7 +71,10 @@ def prepare_unet(unet: torch.nn.Module, device, dtype: torch.dtype, attention: s
         unet.to(dtype=dtype)
     unet.eval()
     if attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ValueError, RuntimeError) as exc:  # a broken or mismatched xformers build
+            raise UserError(f"--xformers: xformers cannot run here ({type(exc).__name__}: {exc}); use --sdpa") from None
     if checkpointing:
         unet.enable_gradient_checkpointing()
     return unet
@@ -97,7 +100,8 @@ def create_lora_network(config: RunConfig, unet: torch.nn.Module):
             network = module.create_network(1.0, net_cfg.dim, net_cfg.alpha, None, [], unet, neuron_dropout=net_cfg.dropout, **args)
     except (ValueError, TypeError) as exc:
         message = str(exc)
-        raise UserError(message if message.startswith("--") else f"--network_args: {message}") from None
+        flag = "--network_weights" if net_cfg.dim_from_weights else "--network_args"
+        raise UserError(message if message.startswith("--") else f"{flag}: {message}") from None
     except Exception as exc:  # noqa: BLE001 - a third-party module's failure, reported in one line
         if ours:
             raise
@@ -108,7 +112,7 @@ def create_lora_network(config: RunConfig, unet: torch.nn.Module):
     if net_cfg.weights:
         try:
             info = network.load_weights(net_cfg.weights)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:  # key or shape mismatch
             raise UserError(f"--network_weights: {exc}") from None
         logger.info("loaded LoRA weights from %s %s", net_cfg.weights, info if info else "")
     if not hasattr(network, "multiplier_context"):
@@ -149,6 +153,9 @@ def optimizer_and_schedule(config: RunConfig, network):
         params = params[0]
     optimizer = create_optimizer(opt.optimizer_type, params, opt.learning_rate, dict(opt.optimizer_args))
     if is_schedule_free(opt.optimizer_type):
+        if opt.lr_scheduler != "constant" or opt.lr_warmup_steps:
+            logger.warning("%s keeps its own schedule: --lr_scheduler %s and --lr_warmup_steps are not used "
+                           "(pass --optimizer_args warmup_steps=N for its warm-up)", opt.optimizer_type, opt.lr_scheduler)
         return optimizer, None
     if opt.optimizer_type.lower() == "adafactor" and opt.optimizer_args.get("relative_step"):
         from transformers.optimization import AdafactorSchedule

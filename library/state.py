@@ -72,8 +72,8 @@ def save_state(folder: Path, network, optimizer, lr_scheduler, step: int, genera
     return folder
 
 
-def load_state(folder: str | Path) -> tuple[TrainingState, Path]:
-    """Read a state folder. Returns the state and the path of its network weights.
+def check_state_folder(folder: str | Path) -> tuple[Path, Path]:
+    """The state and network files of a ``--save_state`` folder (cheap: checks they exist).
 
     Raises:
         UserError: the folder is not a state written by ``--save_state``.
@@ -82,6 +82,16 @@ def load_state(folder: str | Path) -> tuple[TrainingState, Path]:
     state_file, network_file = folder / STATE_FILE, folder / NETWORK_FILE
     if not state_file.is_file() or not network_file.is_file():
         raise UserError(f"--resume: {folder} is not a training state folder (expected {STATE_FILE} and {NETWORK_FILE})")
+    return state_file, network_file
+
+
+def load_state(folder: str | Path) -> tuple[TrainingState, Path]:
+    """Read a state folder. Returns the state and the path of its network weights.
+
+    Raises:
+        UserError: the folder is not a state written by ``--save_state``.
+    """
+    state_file, network_file = check_state_folder(folder)
     payload = torch.load(state_file, map_location="cpu", weights_only=True)
     if payload.get("format_version") != FORMAT_VERSION:
         raise UserError(f"--resume: {folder} was written by an incompatible version")

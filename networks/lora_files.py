@@ -69,6 +69,30 @@ def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
+def lora_file_keys(file: str | os.PathLike) -> list[str]:
+    """The tensor names in a LoRA file, read without loading the tensors where the format allows.
+
+    Raises:
+        ValueError: the file cannot be read as ``.safetensors`` or a plain-tensor ``.ckpt``/``.pt``,
+            or holds no tensors.
+    """
+    file = Path(file)
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as handle:
+                keys = list(handle.keys())
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            keys = list(state) if isinstance(state, dict) else []
+    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip errors come in many types
+        raise ValueError(f"{file.name} is not a readable LoRA file ({type(exc).__name__})") from None
+    if not keys:
+        raise ValueError(f"{file.name} holds no tensors")
+    return keys
+
+
 def read_lora_metadata(file: str | os.PathLike) -> dict[str, str]:
     """The metadata dict of a ``.safetensors`` LoRA ({} for other formats)."""
     file = Path(file)

@@ -212,7 +212,35 @@ BAD_CASES = {
     "output_config_without_config_file": ("sd", ["--output_config"], ["--output_config", "--config_file"]),
     "config_file_missing": ("sd", lambda a, w: a + ["--config_file", str(w / "nope.toml")], ["--config_file", "nope.toml"]),
     "xformers_on_cpu": ("sd", ["--xformers"], ["--xformers"]),
+    "sdpa_and_xformers": ("sd", ["--sdpa", "--xformers"], ["--sdpa", "--xformers", "choose one"]),
+    "optimizer_args_bad_betas": ("sd", ["--optimizer_args", "betas=0.9,1.5"], ["--optimizer_args", "AdamW", "beta"]),
+    "optimizer_args_negative_eps": ("sdxl", ["--optimizer_args", "eps=-1"], ["--optimizer_args", "eps"]),
+    "optimizer_args_unknown_keyword": ("sd", ["--optimizer_args", "momentum_x=0.9"], ["--optimizer_args", "momentum_x"]),
+    "network_weights_corrupt": ("sd", lambda a, w: a + ["--network_weights", write_file("bad.safetensors", "not a tensor file")(w)],
+                                ["--network_weights", "bad.safetensors", "not a readable LoRA file"]),
+    "network_weights_not_lora": ("sd", lambda a, w: a + ["--network_weights", str(write_tensors(w / "model.safetensors"))],
+                                 ["--network_weights", "no kohya LoRA keys", "model.diffusion_model.x"]),
+    "resume_not_a_state_folder": ("sd", lambda a, w: a + ["--resume", str(w)], ["--resume", "not a training state folder"]),
+    "zero_terminal_snr_epsilon_single_file": ("sd", lambda a, w: drop(a, "--pretrained_model_name_or_path")
+                                              + ["--pretrained_model_name_or_path", str(write_tensors(w / "m.safetensors")),
+                                                 "--zero_terminal_snr"],
+                                              ["--zero_terminal_snr", "v-prediction", "--v_parameterization"]),
+    "neutral_file_not_utf8": ("sd", lambda a, w: drop(a, "--prompts_file") + ["--prompts_file", write_neutral_file_case(w)],
+                              ["n.toml: top level: neutral_prompt_file", "not a UTF-8 text file"]),
 }
+
+
+def write_tensors(path: Path) -> Path:
+    """A valid .safetensors file that is not a LoRA (one original-layout checkpoint key)."""
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.x": torch.zeros(2)}, str(path))
+    return path
+
+
+def write_neutral_file_case(workdir: Path) -> str:
+    (workdir / "latin1.txt").write_bytes("caf\xe9 photo\n".encode("latin-1"))
+    return write_file("n.toml", 'neutral_prompt_file = "latin1.txt"\n[[targets]]\ntarget_class = "a"\npositive = "b"\n')(workdir)
 
 
 @pytest.mark.parametrize("name", list(BAD_CASES))

@@ -11,7 +11,7 @@ import gc
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -84,6 +84,9 @@ class Trainer:
         self.config = config
         self.family: ModelFamily = family_for(config.model.family, config.model.max_token_length, config.model.clip_skip)
         self.accelerator = make_accelerator(config, self.family.tracker_name)
+        if self.accelerator.mixed_precision != config.train.mixed_precision:  # fp16 without CUDA runs in float32
+            config = replace(config, train=replace(config.train, mixed_precision=self.accelerator.mixed_precision))
+            self.config = config
         self.device = self.accelerator.device
         self.weight_dtype = weight_dtype_for(self.accelerator.mixed_precision)
         self.output_dir = Path(config.output.output_dir)
@@ -102,6 +105,9 @@ class Trainer:
         logger.info("loading %s", cfg.path)
         model = load_base_model(cfg.path, cfg.family, cfg.v2, cfg.v_parameterization, cfg.tokenizer_cache_dir,
                                 cfg.model_config_dir)
+        if cfg.zero_terminal_snr and model.prediction_type != "v_prediction":
+            raise UserError("--zero_terminal_snr needs a v-prediction model: at zero terminal SNR an epsilon model's first sampling "
+                            "step divides by zero (add --v_parameterization if the model predicts v)")
         if cfg.clip_skip and model.kind == "sd2" and cfg.clip_skip > 1:
             logger.warning("--clip_skip with SD 2.x: its text encoder already ends at the penultimate layer")
         small = [s for s in self.config.prompts.settings if min(s.resolution) < 768]
@@ -315,7 +321,7 @@ class Trainer:
         self._stop_if_requested(stop, None, network, optimizer, lr_scheduler, progress)
         step = start_step
         micro_losses: list[float] = []
-        action_losses: dict[str, list[float]] = {}
+        group_losses: dict[str, list[float]] = {}  # by setting.log_group: erase, enhance, slider+, slider-
         last_loss = None
         while step < cfg.train.max_train_steps:
             setting = settings[int(torch.randint(len(settings), (), generator=self.generator))]
@@ -323,18 +329,21 @@ class Trainer:
                                          params, cfg.optimizer.max_grad_norm, lambda loss: self._check_finite(loss, step))
             value = float(result.loss.detach())
             micro_losses.append(value)
-            action_losses.setdefault(setting.action, []).append(value)
+            group_losses.setdefault(setting.log_group, []).append(value)
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            logs = self._step_logs(micro_losses, action_losses, optimizer, result)
+            logs = self._step_logs(micro_losses, group_losses, optimizer, result)
             if cfg.network.scale_weight_norms:
                 scaled, mean_norm, max_norm = network.apply_max_norm_regularization(cfg.network.scale_weight_norms, self.device)
                 logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm})
             last_loss = logs["loss"]
-            micro_losses, action_losses = [], {}
+            micro_losses, group_losses = [], {}
             progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{logs['lr']:.3g}")
+            postfix = {"loss": f"{logs['loss']:.4g}", "lr": f"{logs['lr']:.3g}"}
+            if cfg.network.scale_weight_norms:  # sd-scripts shows these in its bar too
+                postfix.update(keys_scaled=int(logs["max_norm/keys_scaled"]), avg_norm=f"{logs['max_norm/average_key_norm']:.3g}")
+            progress.set_postfix(postfix)
             accelerator.log(logs, step=step)
             self._stop_if_requested(stop, step, network, optimizer, lr_scheduler, progress)
             if cfg.output.save_every_n_steps and step % cfg.output.save_every_n_steps == 0 and step < cfg.train.max_train_steps:
@@ -355,7 +364,7 @@ class Trainer:
         self.save(network, optimizer, lr_scheduler, step, final=False)
         raise TrainingInterrupted(f"stopped at step {step}; saved {self.files[-1] if self.files else 'nothing'}")
 
-    def _step_logs(self, micro_losses, action_losses, optimizer, result) -> dict[str, float]:
+    def _step_logs(self, micro_losses, group_losses, optimizer, result) -> dict[str, float]:
         logs = {
             "loss": sum(micro_losses) / len(micro_losses),
             "lr": float(optimizer.param_groups[0]["lr"] or 0.0),
@@ -364,8 +373,8 @@ class Trainer:
         }
         if "d" in optimizer.param_groups[0]:  # Prodigy / D-Adaptation: the effective learning rate
             logs["lr/d*lr"] = float(optimizer.param_groups[0]["d"] * (optimizer.param_groups[0]["lr"] or 0.0))
-        for action, values in action_losses.items():
-            logs[f"loss/{action}"] = sum(values) / len(values)
+        for group, values in group_losses.items():
+            logs[f"loss/{group}"] = sum(values) / len(values)
         return logs
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:

@@ -57,7 +57,11 @@ def test_train_from_a_diffusers_folder(kind, tiny_sd_dir, tmp_path):
     assert read_lora_metadata(out / f"my_{kind}-step00000002.safetensors")["ss_steps"] == "2"
     assert all_finite(scalars(logs, "loss")) and len(scalars(logs, "loss")) == 4
     assert scalars(logs, "lr") == pytest.approx([1e-3] * 4)
-    assert scalars(logs, f"loss/{'enhance' if kind != 'erase' else 'erase'}")
+    groups = {"erase": ["erase"], "enhance": ["enhance"], "slider": ["slider+", "slider-"]}[kind]
+    per_group = [scalars(logs, f"loss/{group}") for group in groups]
+    assert all(per_group) and sum(len(values) for values in per_group) == 4  # each step lands in exactly one group
+    timesteps = scalars(logs, "timestep")
+    assert len(timesteps) == 4 and all(0 <= t < 1000 and t == int(t) for t in timesteps)
 
 
 def test_same_seed_gives_identical_lora(tiny_sd_dir, tmp_path):
@@ -78,21 +82,69 @@ def _tokenizer_cache(tiny_dir, cache):
     return cache
 
 
-def test_train_from_a_single_file_offline(tiny_sd_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_sd_single_file(tiny_sd_dir, tmp_path_factory):
+    """The tiny SD model as one original-layout file, its configs and a tokenizer cache (offline use)."""
+    folder = tmp_path_factory.mktemp("single_file")
+    checkpoint = export_single_file(tiny_sd_dir, folder / "tiny_sd.safetensors", "sd1")
+    return checkpoint, config_only_copy(tiny_sd_dir, folder / "configs"), _tokenizer_cache(tiny_sd_dir, folder / "tokenizers")
+
+
+@pytest.mark.parametrize("kind", ["erase", "enhance", "slider"])
+def test_train_from_a_single_file_offline(kind, tiny_sd_single_file, tiny_sd_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    checkpoint = export_single_file(tiny_sd_dir, tmp_path / "tiny_sd.safetensors", "sd1")
-    configs = config_only_copy(tiny_sd_dir, tmp_path / "configs")
-    cache = _tokenizer_cache(tiny_sd_dir, tmp_path / "tokenizers")
-    prompts = write_prompts(tmp_path, "erase")
-    argv = base_argv(checkpoint, prompts, tmp_path / "out") + [
+    checkpoint, configs, cache = tiny_sd_single_file
+    prompts = write_prompts(tmp_path, kind)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    argv = base_argv(checkpoint, prompts, out) + [
         "--tokenizer_cache_dir", str(cache), "--model_config_dir", str(configs), "--save_every_n_steps", "2",
+        "--logging_dir", str(logs),
     ]
     assert train_leco.main(argv) == 0
-    final = tmp_path / "out" / "leco.safetensors"
-    assert lora_changed(final) and (tmp_path / "out" / "leco-step00000002.safetensors").exists()
+    final = out / "leco.safetensors"
+    assert sorted(path.name for path in out.iterdir()) == ["leco-step00000002.safetensors", "leco.safetensors"]
+    assert lora_changed(final)
+    tensors = lora_tensors(final)
+    assert {key.split(".", 1)[1] for key in tensors} == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert any(key.startswith("lora_unet_down_blocks_") and "attn2_to_k" in key for key in tensors)
+    # the same U-Net loaded from its diffusers folder gets exactly the same LoRA layout
+    folder_run = tmp_path / "folder"
+    assert train_leco.main(base_argv(tiny_sd_dir, prompts, folder_run, steps=1)) == 0
+    assert lora_tensors(folder_run / "leco.safetensors").keys() == tensors.keys()
     metadata = read_lora_metadata(final)
     assert metadata["ss_sd_model_name"] == "tiny_sd.safetensors"
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_leco_prompts"] == prompts.read_text(encoding="utf-8")
     assert len(metadata["ss_sd_model_hash"]) == 8 and len(metadata["ss_new_sd_model_hash"]) == 64
+    assert all_finite(scalars(logs, "loss")) and len(scalars(logs, "loss")) == 4
+
+
+def test_zero_terminal_snr_needs_a_v_prediction_model(tiny_sd_dir, tmp_path, capsys):
+    """At zero terminal SNR an epsilon model's first DDPM/DDIM step divides by sqrt(alpha_bar) = 0."""
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=1) + ["--zero_terminal_snr"]
+    assert train_leco.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--zero_terminal_snr needs a v-prediction model" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_bf16_trains_a_bf16_lora(tiny_sd_dir, tmp_path, monkeypatch):
+    dtypes = set()
+    original = training.Trainer.build_network
+
+    def spy(self, unet):
+        network = original(self, unet)
+        dtypes.update(param.dtype for param in network.parameters())
+        return network
+
+    monkeypatch.setattr(training.Trainer, "build_network", spy)
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=2) + [
+        "--mixed_precision", "bf16", "--full_bf16", "--save_precision", "bf16", "--learning_rate", "1e-2"]
+    assert train_leco.main(argv) == 0
+    assert dtypes == {torch.bfloat16}
+    tensors = lora_tensors(tmp_path / "out" / "leco.safetensors")
+    assert {value.dtype for value in tensors.values()} == {torch.bfloat16}
+    assert lora_changed(tmp_path / "out" / "leco.safetensors")
+    assert read_lora_metadata(tmp_path / "out" / "leco.safetensors")["ss_full_bf16"] == "True"
 
 
 def test_single_file_without_tokenizer_offline_is_one_clear_line(tiny_sd_dir, tmp_path, monkeypatch, capsys):
@@ -191,6 +243,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_file(tiny_sd_dir, tmp_path, monk
         ("Adafactor", []),
         ("SGDNesterov", []),
         ("torch.optim.RAdam", []),
+        ("PagedAdamW8bit", ["--optimizer_args", "min_8bit_size=0"]),
+        ("Lion8bit", ["--optimizer_args", "min_8bit_size=0"]),
     ],
 )
 def test_optimizers_train(optimizer, extra, tiny_sd_dir, tmp_path):
@@ -240,7 +294,26 @@ def test_precision_checkpointing_and_file_options(tiny_sd_dir, tmp_path):
     assert any("resnets_0_conv1" in key for key in tensors)
     metadata = read_lora_metadata(out / "leco.safetensors")
     assert metadata["ss_mixed_precision"] == "bf16" and metadata["ss_gradient_accumulation_steps"] == "2"
-    assert '"conv_dim": "2"' in metadata["ss_network_args"]
+    assert '"conv_dim": "2"' in metadata["ss_network_args"] and metadata["ss_scale_weight_norms"] == "1.0"
+
+
+def test_fp16_without_cuda_records_the_precision_really_used(tiny_sd_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs as fp16 with CUDA")
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=1) + ["--mixed_precision", "fp16"]
+    assert train_leco.main(argv) == 0
+    assert read_lora_metadata(tmp_path / "out" / "leco.safetensors")["ss_mixed_precision"] == "no"
+
+
+def test_scale_weight_norms_are_logged(tiny_sd_dir, tmp_path):
+    logs = tmp_path / "logs"
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=3) + [
+        "--scale_weight_norms", "1e-4", "--learning_rate", "1e-2", "--logging_dir", str(logs)]
+    assert train_leco.main(argv) == 0
+    scaled, mean_norms = scalars(logs, "max_norm/keys_scaled"), scalars(logs, "max_norm/average_key_norm")
+    assert len(scaled) == 3 and scaled[-1] > 0  # a tiny cap: trained deltas exceed it and get scaled
+    assert all(value <= 1e-4 * (1 + 1e-3) for value in scalars(logs, "max_norm/max_key_norm"))
+    assert len(mean_norms) == 3 and all(value > 0 for value in mean_norms[1:])
 
 
 def test_ckpt_output_and_continuing_from_weights(tiny_sd_dir, tmp_path):

@@ -111,3 +111,41 @@ def config_only_copy(tiny_dir: Path, destination: Path) -> Path:
         target.write_text(config.read_text())
     (destination / "model_index.json").write_text((tiny_dir / "model_index.json").read_text())
     return destination
+
+
+def load_lora_into_pipeline(pipe, path: Path, adapter_name: str = "leco") -> None:
+    """``pipe.load_lora_weights`` as a user calls it, asserting that **no key of the file was left unused**.
+
+    Three checks, because diffusers can fail quietly: (1) it treats the file as kohya format only if
+    every key is ``lora_unet_*``/``lora_te*`` (FACTS), (2) it reports unexpected/missing LoRA keys
+    only as a warning on its own logger, which does not propagate to pytest's caplog, so the warning
+    is captured with a handler on that logger, and (3) every ``lora_down``/``lora_up`` element of the
+    file must reappear as a ``lora_A``/``lora_B`` element of the adapter.
+    """
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    tensors = lora_tensors(path)
+    assert all(key.startswith("lora_unet_") for key in tensors), "a non-kohya key makes diffusers skip the file"
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, library_logger = Collect(level=logging.WARNING), logging.getLogger("diffusers")
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()  # a finished training run turned it down to errors
+    library_logger.addHandler(handler)
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    finally:
+        library_logger.removeHandler(handler)
+        diffusers_logging.set_verbosity(previous)
+    unhandled = [text for text in messages if "unexpected keys" in text or "missing keys" in text]
+    assert not unhandled, unhandled
+    loaded = sum(param.numel() for name, param in pipe.unet.named_parameters()
+                 if f".{adapter_name}." in f"{name}." and (".lora_A." in name or ".lora_B." in name))
+    in_file = sum(value.numel() for key, value in tensors.items() if key.endswith(("lora_down.weight", "lora_up.weight")))
+    assert loaded == in_file, (loaded, in_file)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from networks.lora import (
     read_lora_metadata,
 )
 from networks.sgm_names import diffusers_to_sgm
+from tests.helpers import load_lora_into_pipeline
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -371,7 +371,7 @@ def _peft_lora_layers(unet) -> int:
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_diffusers_loads_the_file_with_no_key_unused_and_matches(family, tiny_sd_dir, tiny_sdxl_dir, tmp_path, caplog):
+def test_diffusers_loads_the_file_with_no_key_unused_and_matches(family, tiny_sd_dir, tiny_sdxl_dir, tmp_path):
     folder = tiny_sd_dir if family == "sd" else tiny_sdxl_dir
     pipeline_class = StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
     pipe = pipeline_class.from_pretrained(folder)
@@ -386,9 +386,7 @@ def test_diffusers_loads_the_file_with_no_key_unused_and_matches(family, tiny_sd
 
     inputs = unet_inputs(ours)
     base = run(pipe.unet, inputs)
-    with caplog.at_level(logging.WARNING):
-        pipe.load_lora_weights(str(path), adapter_name="leco")
-    assert not [record for record in caplog.records if "unexpected keys" in record.getMessage().lower()]
+    load_lora_into_pipeline(pipe, path)  # no key unused: warnings captured, every weight element landed
     assert _peft_lora_layers(pipe.unet) == len(network.unet_loras)  # every module of the file landed
     for scale in (1.0, -1.0):
         pipe.set_adapters(["leco"], [scale])
@@ -398,3 +396,22 @@ def test_diffusers_loads_the_file_with_no_key_unused_and_matches(family, tiny_sd
         assert torch.allclose(theirs, run(ours, inputs), atol=1e-5)  # and exactly as ours does
     pipe.set_adapters(["leco"], [0.0])
     assert torch.allclose(run(pipe.unet, inputs), base, atol=1e-6)
+
+
+def test_the_client_check_fails_on_a_key_diffusers_leaves_unused(tiny_sd_dir, tmp_path):
+    """``load_lora_into_pipeline`` is what proves "no key left unused"; it must catch a key that is."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    network = create_network(1.0, 4, 2.0, None, [], unet)
+    network.apply_to()
+    good = tmp_path / "good.safetensors"
+    network.save_weights(str(good), None, {})
+    tensors = load_file(str(good))
+    module = next(key.split(".")[0] for key in tensors if "attn1_to_q" in key)
+    for suffix in ("lora_down.weight", "lora_up.weight", "alpha"):  # a module the U-Net does not have
+        tensors[f"{module.replace('to_q', 'to_zz')}.{suffix}"] = tensors[f"{module}.{suffix}"].clone()
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad))
+    load_lora_into_pipeline(StableDiffusionPipeline.from_pretrained(tiny_sd_dir), good)
+    with pytest.raises(AssertionError, match="unexpected keys"):
+        load_lora_into_pipeline(StableDiffusionPipeline.from_pretrained(tiny_sd_dir), bad)
+

@@ -22,6 +22,7 @@ from tests.helpers import (
     base_argv,
     config_only_copy,
     export_single_file,
+    load_lora_into_pipeline,
     lora_changed,
     lora_tensors,
     scalars,
@@ -93,7 +94,7 @@ def test_train_sdxl_from_a_diffusers_folder(kind, tiny_sdxl_dir, tmp_path, caplo
 
 
 @pytest.mark.slow
-def test_sdxl_output_loads_in_diffusers_and_changes_the_output(tiny_sdxl_dir, tmp_path, caplog):
+def test_sdxl_output_loads_in_diffusers_and_changes_the_output(tiny_sdxl_dir, tmp_path):
     argv = base_argv(tiny_sdxl_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=3) + ["--learning_rate", "1e-2"]
     assert sdxl_train_leco.main(argv) == 0
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
@@ -104,30 +105,49 @@ def test_sdxl_output_loads_in_diffusers_and_changes_the_output(tiny_sdxl_dir, tm
                                     "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}}
     with torch.no_grad():
         base = pipe.unet(latents, 500, **kwargs).sample
-    with caplog.at_level(logging.WARNING):
-        pipe.load_lora_weights(str(tmp_path / "out" / "leco.safetensors"), adapter_name="leco")
-    assert not [record for record in caplog.records if "unexpected keys" in record.getMessage().lower()]
+    load_lora_into_pipeline(pipe, tmp_path / "out" / "leco.safetensors")
     modules = len({key.split(".")[0] for key in lora_tensors(tmp_path / "out" / "leco.safetensors")})
     assert sum(1 for name, _ in pipe.unet.named_modules() if name.endswith("lora_A.leco")) == modules
     with torch.no_grad():
         assert not torch.allclose(pipe.unet(latents, 500, **kwargs).sample, base, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_train_sdxl_from_a_single_file_with_cached_tokenizers(tiny_sdxl_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    checkpoint = export_single_file(tiny_sdxl_dir, tmp_path / "tiny_xl.safetensors", "sdxl")
-    configs = config_only_copy(tiny_sdxl_dir, tmp_path / "configs")
-    cache = tmp_path / "tokenizers"
+@pytest.fixture(scope="module")
+def tiny_sdxl_single_file(tiny_sdxl_dir, tmp_path_factory):
+    """The tiny SDXL model as one SGM-layout file, its configs and both tokenizers cached by hub id."""
+    folder = tmp_path_factory.mktemp("sdxl_single_file")
+    checkpoint = export_single_file(tiny_sdxl_dir, folder / "tiny_xl.safetensors", "sdxl")
+    configs = config_only_copy(tiny_sdxl_dir, folder / "configs")
+    cache = folder / "tokenizers"
     for sub, hub_id in (("tokenizer", "openai/clip-vit-large-patch14"), ("tokenizer_2", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")):
         CLIPTokenizer.from_pretrained(str(tiny_sdxl_dir / sub)).save_pretrained(str(cache / hub_id.replace("/", "_")))
-    argv = base_argv(checkpoint, write_prompts(tmp_path, "slider", resolution=128), tmp_path / "out", steps=2) + [
-        "--tokenizer_cache_dir", str(cache), "--model_config_dir", str(configs), "--v_parameterization",
-    ]
+    return checkpoint, configs, cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, v_prediction", [("erase", False), ("slider", True)])
+def test_train_sdxl_from_a_single_file_with_cached_tokenizers(kind, v_prediction, tiny_sdxl_single_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint, configs, cache = tiny_sdxl_single_file
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    argv = base_argv(checkpoint, write_prompts(tmp_path, kind, resolution=128), out, steps=3) + [
+        "--tokenizer_cache_dir", str(cache), "--model_config_dir", str(configs), "--save_every_n_steps", "2",
+        "--logging_dir", str(logs),
+    ] + (["--v_parameterization", "--zero_terminal_snr"] if v_prediction else [])
     assert sdxl_train_leco.main(argv) == 0
-    metadata = read_lora_metadata(tmp_path / "out" / "leco.safetensors")
-    assert metadata["ss_v_parameterization"] == "True" and metadata["modelspec.prediction_type"] == "v"
-    assert lora_changed(tmp_path / "out" / "leco.safetensors")
+    assert sorted(path.name for path in out.iterdir()) == ["leco-step00000002.safetensors", "leco.safetensors"]
+    final = out / "leco.safetensors"
+    assert lora_changed(final)
+    keys = lora_tensors(final).keys()
+    for block in ("input_blocks_", "middle_block_1_", "output_blocks_"):
+        assert any(key.startswith(f"lora_unet_{block}") for key in keys), block
+    assert not any("down_blocks" in key or "up_blocks" in key for key in keys)
+    metadata = read_lora_metadata(final)
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["ss_sd_model_name"] == "tiny_xl.safetensors"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert metadata["ss_v_parameterization"] == str(v_prediction)
+    assert metadata["modelspec.prediction_type"] == ("v" if v_prediction else "epsilon")
+    assert all_finite(scalars(logs, "loss")) and len(scalars(logs, "loss")) == 3
 
 
 @pytest.mark.slow

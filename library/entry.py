@@ -9,26 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from library.errors import UserError
+from library.quiet import quiet_third_party_output
 
 logger = logging.getLogger("leco")
 
 EXIT_USER_ERROR = 2
 EXIT_NON_FINITE = 3
 EXIT_INTERRUPTED = 130
-
-
-def _quiet_libraries() -> None:
-    """Keep third-party chatter (weight-loading bars, deprecation notes) out of the training log."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
 def _console_handler(level: str) -> logging.Handler:
@@ -74,7 +61,7 @@ def main(argv: Sequence[str] | None, family: str) -> int:
     root.addHandler(handler)
     root.setLevel(config.log.console_log_level)
     try:
-        _quiet_libraries()
+        quiet_third_party_output()
         from library.training import NonFiniteLoss, TrainingInterrupted, train
 
         result = train(config)

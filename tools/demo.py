@@ -70,9 +70,10 @@ def describe(name: str, what: str, report: dict, seconds: float) -> list[str]:
             lines.append(f"  LoRA x{multiplier:g}: {value} drawn {row['target_rate']:.0%} of the time when asked for; "
                          f"other attributes right {row['preserved_other_attributes']:.0%}; "
                          f"other prompts right {row['preserved_other_prompts']:.0%}")
-        lines.append(f"  erase efficacy {metrics['erase_efficacy']:.0%} ({report['plan']['value']} drawn unasked: {metrics['unprompted_rate']:.0%}, "
-                     f"so {metrics.get('erased_to_chance', 0):.0%} of the way to chance); other prompts keep "
-                     f"{metrics['preservation_other_prompts']:.0%} of their base accuracy")
+        to_chance = metrics.get("erased_to_chance", 0)
+        progress = "all the way to chance" if to_chance >= 1 else f"{to_chance:.0%} of the way to chance"
+        lines.append(f"  erase efficacy {metrics['erase_efficacy']:.0%} ({value} drawn unasked: {metrics['unprompted_rate']:.0%}, "
+                     f"so {progress}); other prompts keep {metrics['preservation_other_prompts']:.0%} of their base accuracy")
     else:
         plan = report["plan"]
         for multiplier in sorted(per):
@@ -91,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=4, help="evaluation seeds per prompt (default 4)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+
+    from library.quiet import quiet_third_party_output
+
+    quiet_third_party_output()
+    # the concept-world build reports its progress (loss every few hundred steps) through logging
+    logging.basicConfig(level=logging.WARNING, format="      %(message)s")
+    logging.getLogger("library.concept_world").setLevel(logging.INFO)
 
     from library.concept_world.model import ensure_concept_model
     from library.evaluation import EvalOptions, evaluate_concept_lora, plan_from_prompt_text

@@ -374,11 +374,13 @@ def _train_distributed(config: ModelConfig, tokenizer_dir: Path, tokenizer: CLIP
     with tempfile.TemporaryDirectory(prefix="concept-world-ddp-") as work:
         result_path = Path(work) / "result.pt"
         start = time.perf_counter()
+        from library.concept_world.spawn_entry import distributed_entry
+
         mp.start_processes(
-            _distributed_entry,
+            distributed_entry,
             args=(
                 config.processes,
-                config,
+                asdict(config),
                 str(tokenizer_dir),
                 str(Path(work) / "rendezvous"),
                 str(result_path),

@@ -330,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="report path (default: next to the LoRA, NAME.eval.json)")
     parser.add_argument("--grid", help="grid PNG path (default: next to the LoRA, NAME.eval.png)")
     args = parser.parse_args(argv)
+    from library.quiet import quiet_third_party_output
+
+    quiet_third_party_output()
     try:
         multipliers = tuple(float(item) for item in args.multipliers.replace("=", "").split(","))
         lora = Path(args.lora)

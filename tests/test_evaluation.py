@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from library.errors import UserError
@@ -91,3 +93,20 @@ def test_slider_metrics_and_monotonicity():
     assert not open_metrics(plan, {-1.0: at(3), 0.0: at(2), 1.0: at(4)})["monotonic"]
     enhance = open_metrics(EvalPlan("enhance", "size", "large"), {0.0: at(1), 1.0: at(3)})
     assert enhance["enhance_strength"] == 0.5
+
+
+def test_effect_sweep_overrides_toml_fields_everywhere_they_are_set():
+    from library.prompts import parse_prompt_text
+    from tools.effect_sweep import VARIANTS, override_toml
+
+    prompts = '# guidance_scale = 9 in a comment stays\n[[prompts]]\ntarget = "red"\nguidance_scale = 1.0\n'
+    changed = override_toml(prompts, {"guidance_scale": 2.0, "multiplier": 2.0})
+    (setting,) = parse_prompt_text(changed, Path("."), "t.toml")
+    assert (setting.guidance_scale, setting.multiplier) == (2.0, 2.0)
+    assert changed.startswith("# guidance_scale = 9 in a comment stays")
+    slider = 'guidance_scale = 1.0\n[[targets]]\ntarget_class = "a"\npositive = "b"\n'
+    assert {s.guidance_scale for s in parse_prompt_text(override_toml(slider, {"guidance_scale": 3.0}), Path("."), "s.toml")} == {3.0}
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for variant in VARIANTS:  # every variant's prompt file exists and still parses after its overrides
+        text = override_toml((examples / variant.prompts).read_text(encoding="utf-8"), variant.toml)
+        assert parse_prompt_text(text, examples, variant.prompts)

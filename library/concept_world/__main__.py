@@ -76,6 +76,9 @@ def _eval(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    from library.quiet import quiet_third_party_output
+
+    quiet_third_party_output()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = _build(args) if args.command == "build" else _eval(args)
     text = json.dumps(result, indent=2)

@@ -628,20 +628,34 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("name", list(BAD_FILES))
-def test_malformed_prompt_file(name, tmp_path):
+def test_malformed_prompt_file(name, tmp_path, tiny_sd_dir, capsys, monkeypatch):
+    """Through ``train_leco.main`` as a user runs it: exit 2 and one line naming file, entry and key,
+    before any model is loaded."""
+    import library.training
+    import train_leco
+
+    def no_training(config):
+        raise AssertionError("the malformed prompt file was accepted and training started")
+
+    monkeypatch.setattr(library.training, "train", no_training)
     text, entry, fragments = BAD_FILES[name]
     write(tmp_path, "", "empty.txt")
     write(tmp_path, "# nothing\n\n   \n# here\n", "comments.txt")
     write(tmp_path, "n\n", "n.txt")
-    with pytest.raises(UserError) as info:
-        load_prompt_file(write(tmp_path, text))
-    message = str(info.value)
-    assert message.startswith("prompts.toml: "), message
+    argv = ["--pretrained_model_name_or_path", str(tiny_sd_dir), "--prompts_file", str(write(tmp_path, text)),
+            "--output_dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert train_leco.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err + captured.out, captured.err
+    message = lines[0].removeprefix("error: ")
+    assert lines[0].startswith("error: prompts.toml: "), message
     if entry is not None:
         assert message.startswith(f"prompts.toml: {entry}: "), message
     for fragment in fragments:
         assert fragment in message, (fragment, message)
-    assert "\n" not in message.strip() or name.startswith("invalid_toml"), message
+    assert not (tmp_path / "out").exists()
 
 
 def test_corpus_is_large_enough():

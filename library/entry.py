@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from library.errors import UserError
-from library.quiet import quiet_third_party_output
+from library.quiet import quiet_import_warnings, quiet_third_party_output
 
 logger = logging.getLogger("leco")
 
@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None, family: str) -> int:
     """
     from library.cli import build_run_config, check_flags, effective_args, parse_namespace, write_config_file
 
+    quiet_import_warnings()  # checks import optional packages (lycoris, bitsandbytes) that warn on import
     try:
         args, _ = parse_namespace(argv, family)
         if args.output_config:

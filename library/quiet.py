@@ -11,14 +11,19 @@ import logging
 import warnings
 
 
+def quiet_import_warnings() -> None:
+    """The cheap part, safe before argument checks: it imports nothing."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
 def quiet_third_party_output() -> None:
     """Errors only from bitsandbytes, transformers and diffusers; no weight-loading progress bars."""
+    quiet_import_warnings()
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*torchvision.*")

@@ -671,3 +671,39 @@ def test_bad_top_level_default_is_reported_at_top_level(tmp_path, text):
     with pytest.raises(UserError) as info:
         load_prompt_file(write(tmp_path, text))
     assert str(info.value).startswith("prompts.toml: top level: ")
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _toml_blocks(markdown: Path) -> list[str]:
+    import re
+
+    return re.findall(r"```toml\n(.*?)```", markdown.read_text(encoding="utf-8"), re.S)
+
+
+def test_every_prompt_file_in_the_docs_and_examples_parses(tmp_path):
+    """What users copy must work: the user guide's TOML blocks and every file in examples/."""
+    import tomllib
+
+    from library.cli import setup_parser
+    from library.config_file import read_config_file
+
+    blocks = _toml_blocks(DOCS / "train_leco.md")
+    prompt_blocks = [block for block in blocks if "[[prompts]]" in block or "[[targets]]" in block]
+    assert len(prompt_blocks) >= 8
+    for block in prompt_blocks:  # neutral_prompt_file = "neutrals.txt" resolves against examples/
+        assert parse_prompt_text(block, EXAMPLES, "docs block")
+    config_blocks = [block for block in blocks if block not in prompt_blocks]
+    assert config_blocks
+    for index, block in enumerate(config_blocks):
+        path = tmp_path / f"config-{index}.toml"
+        path.write_text(block, encoding="utf-8")
+        assert read_config_file(str(path), setup_parser("sd"))
+    for example in sorted(EXAMPLES.glob("*.toml")):
+        text = example.read_text(encoding="utf-8")
+        if "[[prompts]]" in text or "[[targets]]" in text:
+            assert load_prompt_file(example).settings, example.name
+        else:  # a --config_file example
+            assert tomllib.loads(text) and read_config_file(str(example), setup_parser("sd"))

@@ -48,7 +48,7 @@ __all__ = [
 def parse_namespace(argv: Sequence[str] | None, family: str) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     """Parse ``argv`` (with ``--config_file`` defaults applied). ``--help`` raises SystemExit(0)."""
     parser = setup_parser(family)
-    argv = _join_signed_lists(list(sys.argv[1:] if argv is None else argv))
+    argv = join_signed_lists(list(sys.argv[1:] if argv is None else argv))
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config_file")
     pre.add_argument("--output_config", action="store_true")
@@ -58,13 +58,13 @@ def parse_namespace(argv: Sequence[str] | None, family: str) -> tuple[argparse.N
     return parser.parse_args(argv), parser
 
 
-def _join_signed_lists(argv: list[str]) -> list[str]:
+def join_signed_lists(argv: list[str], flags: Sequence[str] = ("--sample_multipliers",)) -> list[str]:
     """``--sample_multipliers -1,0,1`` -> ``--sample_multipliers=-1,0,1`` (argparse would read -1,0,1 as a flag)."""
     joined: list[str] = []
     index = 0
     while index < len(argv):
         token = argv[index]
-        if token == "--sample_multipliers" and index + 1 < len(argv) and re.match(r"^-[\d.]", argv[index + 1]):
+        if token in flags and index + 1 < len(argv) and re.match(r"^-[\d.]", argv[index + 1]):
             joined.append(f"{token}={argv[index + 1]}")
             index += 2
             continue

@@ -329,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompts", nargs="*", default=["a photo"], help="prompts for real models (grid only)")
     parser.add_argument("--out", help="report path (default: next to the LoRA, NAME.eval.json)")
     parser.add_argument("--grid", help="grid PNG path (default: next to the LoRA, NAME.eval.png)")
-    args = parser.parse_args(argv)
+    from library.cli import join_signed_lists
+
+    args = parser.parse_args(join_signed_lists(list(sys.argv[1:] if argv is None else argv), ("--multipliers",)))
     from library.quiet import quiet_third_party_output
 
     quiet_third_party_output()

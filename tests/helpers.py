@@ -83,6 +83,19 @@ def scalars(log_dir: Path, tag: str) -> list[float]:
     return values
 
 
+def image_tags(log_dir: Path) -> dict[str, int]:
+    """TensorBoard image tags written under ``log_dir`` and how many images each has."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    counts: dict[str, int] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags().get("images", []):
+            counts[tag] = counts.get(tag, 0) + len(accumulator.Images(tag))
+    return counts
+
+
 def all_finite(values: list[float]) -> bool:
     return bool(values) and all(math.isfinite(value) for value in values)
 

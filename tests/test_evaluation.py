@@ -110,3 +110,53 @@ def test_effect_sweep_overrides_toml_fields_everywhere_they_are_set():
     for variant in VARIANTS:  # every variant's prompt file exists and still parses after its overrides
         text = override_toml((examples / variant.prompts).read_text(encoding="utf-8"), variant.toml)
         assert parse_prompt_text(text, examples, variant.prompts)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line (python -m tools.evaluate)
+
+
+@pytest.mark.slow
+def test_evaluator_command_on_a_real_model_writes_a_vae_decoded_grid(tiny_sd_dir, tmp_path, capsys):
+    """A model that is not the concept world: no metrics, a grid decoded by the model's VAE."""
+    import json
+
+    from PIL import Image
+
+    import train_leco
+    from library.evaluation import main
+    from tests.helpers import base_argv, write_prompts
+
+    assert train_leco.main(base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=1)) == 0
+    lora = tmp_path / "out" / "leco.safetensors"
+    argv = ["--model", str(tiny_sd_dir), "--lora", str(lora), "--prompts", "van gogh", "a photo", "--steps", "2",
+            "--multipliers", "-1,0,1"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "leco.eval.json").read_text(encoding="utf-8"))
+    assert report["metrics"] is None and report["options"]["multipliers"] == [-1.0, 0.0, 1.0]
+    grid = Image.open(tmp_path / "out" / "leco.eval.png")
+    assert grid.width > 3 * 64 and grid.height > 2 * 64  # 3 columns x 2 rows of 64 px images
+    capsys.readouterr()
+    assert main(["--model", str(tiny_sd_dir), "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --lora: not found: {tmp_path / 'missing.safetensors'}"
+
+
+@pytest.mark.slow
+def test_evaluator_command_reads_the_plan_from_the_lora_metadata(tmp_path, capsys):
+    """On the concept world the evaluator infers erase/enhance/slider from ss_leco_prompts."""
+    import json
+
+    import train_leco
+    from library.concept_world.model import ensure_concept_model
+    from library.evaluation import main
+
+    model = ensure_concept_model()
+    prompts = Path(__file__).resolve().parents[1] / "examples" / "concept_slider_size.toml"
+    argv = ["--pretrained_model_name_or_path", str(model), "--prompts_file", str(prompts), "--output_dir", str(tmp_path),
+            "--max_train_steps", "2", "--max_denoising_steps", "4", "--seed", "0"]
+    assert train_leco.main(argv) == 0
+    assert main(["--model", str(model), "--lora", str(tmp_path / "leco.safetensors"), "--seeds", "1", "--steps", "5"]) == 0
+    report = json.loads((tmp_path / "leco.eval.json").read_text(encoding="utf-8"))
+    assert report["plan"] == {"mode": "slider", "attribute": "size", "value": "large", "negative": "small"}
+    assert set(report["metrics"]["per_multiplier"]) == {"-1.0", "0.0", "1.0"} and "monotonic" in report["metrics"]
+    assert (tmp_path / "leco.eval.png").is_file()

@@ -17,6 +17,7 @@ from tests.helpers import (
     base_argv,
     config_only_copy,
     export_single_file,
+    image_tags,
     lora_changed,
     lora_tensors,
     scalars,
@@ -342,6 +343,7 @@ def test_sample_images_during_training(tiny_sd_dir, tmp_path):
     assert grids == ["leco_000000.png", "leco_000002.png"]
     image = Image.open(out / "sample" / "leco_000002.png")
     assert image.width > 3 * 64 and image.height > 2 * 64  # 3 multipliers x 2 prompts of 64 px tiles
+    assert sum(image_tags(logs).values()) == 2  # the same two grids, in TensorBoard
 
 
 def test_stop_during_the_first_sample_grid_exits_without_files(tiny_sd_dir, tmp_path, monkeypatch):

@@ -15,6 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from library.quiet import quiet_import_warnings  # noqa: E402
+
+quiet_import_warnings()  # before diffusers is imported: bitsandbytes warns about optional CPU kernels
+
 import torch  # noqa: E402
 
 from tests import tiny_models  # noqa: E402

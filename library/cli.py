@@ -28,6 +28,7 @@ from library.config import (
     RunConfig,
     SampleConfig,
     TrainConfig,
+    check_zero_terminal_snr,
 )
 from library.config_file import read_config_file, write_config_file
 from library.errors import UserError
@@ -229,10 +230,8 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
     check_flags(args, family)
     _require(args)
     _check_model_path(args.pretrained_model_name_or_path)
-    single_file = Path(args.pretrained_model_name_or_path).expanduser().is_file()
-    if args.zero_terminal_snr and single_file and not args.v_parameterization:  # single files predict epsilon unless told
-        raise UserError("--zero_terminal_snr needs a v-prediction model: at zero terminal SNR an epsilon model's first sampling "
-                        "step divides by zero (add --v_parameterization if the model predicts v)")
+    if Path(args.pretrained_model_name_or_path).expanduser().is_file():  # single files predict epsilon unless told
+        check_zero_terminal_snr(args.zero_terminal_snr, args.v_parameterization)
     for flag in ("network_weights", "resume", "model_config_dir"):
         _check_existing(flag, getattr(args, flag))
     if args.model_config_dir:

@@ -6,7 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from library.errors import UserError
 from library.prompts import PromptFile
+
+
+def check_zero_terminal_snr(zero_terminal_snr: bool, predicts_v: bool) -> None:
+    """Refuse ``--zero_terminal_snr`` for an epsilon model: at zero terminal SNR its first DDPM/DDIM
+    step divides by ``sqrt(alpha_bar) = 0`` and the loss becomes NaN.
+
+    Raises:
+        UserError: zero terminal SNR without v-prediction.
+    """
+    if zero_terminal_snr and not predicts_v:
+        raise UserError("--zero_terminal_snr needs a v-prediction model: at zero terminal SNR an epsilon model's first sampling "
+                        "step divides by zero (add --v_parameterization if the model predicts v)")
 
 
 @dataclass(frozen=True)

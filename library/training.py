@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from library.config import RunConfig
+from library.config import RunConfig, check_zero_terminal_snr
 from library.errors import UserError
 from library.family import ModelFamily, family_for
 from library.leco_step import LecoStep
@@ -105,9 +105,7 @@ class Trainer:
         logger.info("loading %s", cfg.path)
         model = load_base_model(cfg.path, cfg.family, cfg.v2, cfg.v_parameterization, cfg.tokenizer_cache_dir,
                                 cfg.model_config_dir)
-        if cfg.zero_terminal_snr and model.prediction_type != "v_prediction":
-            raise UserError("--zero_terminal_snr needs a v-prediction model: at zero terminal SNR an epsilon model's first sampling "
-                            "step divides by zero (add --v_parameterization if the model predicts v)")
+        check_zero_terminal_snr(cfg.zero_terminal_snr, model.prediction_type == "v_prediction")
         if cfg.clip_skip and model.kind == "sd2" and cfg.clip_skip > 1:
             logger.warning("--clip_skip with SD 2.x: its text encoder already ends at the penultimate layer")
         small = [s for s in self.config.prompts.settings if min(s.resolution) < 768]

@@ -28,6 +28,17 @@ from tests import tiny_models  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail loudly if a case got past validation (it would load a model and train)."""
+    import library.training
+
+    def boom(config):
+        raise AssertionError("validation passed and training started: the input under test was not rejected")
+
+    monkeypatch.setattr(library.training, "train", boom)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> Path:
     """A tiny SD1-shaped diffusers folder (U-Net, text encoder, tokenizer, scheduler, VAE)."""

@@ -70,14 +70,20 @@ def lora_changed(path: Path) -> bool:
     return any(value.abs().sum() > 0 for key, value in lora_tensors(path).items() if key.endswith("lora_up.weight"))
 
 
-def scalars(log_dir: Path, tag: str) -> list[float]:
-    """All values of a TensorBoard scalar written anywhere under ``log_dir``."""
+def _event_files(log_dir: Path, **size_guidance):
+    """A loaded TensorBoard ``EventAccumulator`` for every event file under ``log_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    values: list[float] = []
     for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events))
+        accumulator = EventAccumulator(str(events), size_guidance=size_guidance or None)
         accumulator.Reload()
+        yield accumulator
+
+
+def scalars(log_dir: Path, tag: str) -> list[float]:
+    """All values of a TensorBoard scalar written anywhere under ``log_dir``."""
+    values: list[float] = []
+    for accumulator in _event_files(log_dir):
         if tag in accumulator.Tags().get("scalars", []):
             values += [event.value for event in accumulator.Scalars(tag)]
     return values
@@ -85,12 +91,8 @@ def scalars(log_dir: Path, tag: str) -> list[float]:
 
 def image_tags(log_dir: Path) -> dict[str, int]:
     """TensorBoard image tags written under ``log_dir`` and how many images each has."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     counts: dict[str, int] = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
-        accumulator.Reload()
+    for accumulator in _event_files(log_dir, images=0):
         for tag in accumulator.Tags().get("images", []):
             counts[tag] = counts.get(tag, 0) + len(accumulator.Images(tag))
     return counts
@@ -112,6 +114,19 @@ def export_single_file(tiny_dir: Path, path: Path, kind: str) -> Path:
         extra["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(tiny_dir, subfolder="text_encoder_2")
     return save_single_file(path, UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet"),
                             CLIPTextModel.from_pretrained(tiny_dir, subfolder="text_encoder"), kind=kind, **extra)
+
+
+def tokenizer_cache(tiny_dir: Path, cache: Path) -> Path:
+    """Save the tiny model's tokenizer(s) under ``cache`` by hub id, as ``--tokenizer_cache_dir`` expects
+    (SDXL folders have a second one for bigG)."""
+    from transformers import CLIPTokenizer
+
+    from library.models import CLIP_BIG_G, CLIP_L
+
+    for sub, hub_id in (("tokenizer", CLIP_L), ("tokenizer_2", CLIP_BIG_G)):
+        if (tiny_dir / sub).is_dir():
+            CLIPTokenizer.from_pretrained(str(tiny_dir / sub)).save_pretrained(str(cache / hub_id.replace("/", "_")))
+    return cache
 
 
 def config_only_copy(tiny_dir: Path, destination: Path) -> Path:

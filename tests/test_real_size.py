@@ -12,11 +12,10 @@ import shutil
 
 import pytest
 import torch
-from transformers import CLIPTokenizer
 
 import train_leco
 from networks.lora import read_lora_metadata
-from tests.helpers import base_argv, lora_tensors, write_prompts
+from tests.helpers import base_argv, lora_tensors, tokenizer_cache, write_prompts
 from tools.make_random_checkpoint import build_random_models
 
 pytestmark = pytest.mark.slow
@@ -33,8 +32,7 @@ def test_real_sd15_architecture_single_file_trains_offline(tiny_sd_dir, tmp_path
     assert sum(p.numel() for p in models["unet"].parameters()) == 859_520_964
     checkpoint = save_single_file(tmp_path / "sd15_random.safetensors", kind="sd1", **models)
     del models
-    cache = tmp_path / "tokenizers"
-    CLIPTokenizer.from_pretrained(str(tiny_sd_dir / "tokenizer")).save_pretrained(str(cache / "openai_clip-vit-large-patch14"))
+    cache = tokenizer_cache(tiny_sd_dir, tmp_path / "tokenizers")
     argv = base_argv(checkpoint, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=1) + [
         "--tokenizer_cache_dir", str(cache), "--max_denoising_steps", "2", "--gradient_checkpointing",
     ]

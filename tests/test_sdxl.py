@@ -9,7 +9,6 @@ import logging
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from transformers import CLIPTokenizer
 
 import sdxl_train_leco
 import train_leco
@@ -26,6 +25,7 @@ from tests.helpers import (
     lora_changed,
     lora_tensors,
     scalars,
+    tokenizer_cache,
     write_prompts,
 )
 from tests.test_leco_step import make_step
@@ -118,10 +118,7 @@ def tiny_sdxl_single_file(tiny_sdxl_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdxl_single_file")
     checkpoint = export_single_file(tiny_sdxl_dir, folder / "tiny_xl.safetensors", "sdxl")
     configs = config_only_copy(tiny_sdxl_dir, folder / "configs")
-    cache = folder / "tokenizers"
-    for sub, hub_id in (("tokenizer", "openai/clip-vit-large-patch14"), ("tokenizer_2", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")):
-        CLIPTokenizer.from_pretrained(str(tiny_sdxl_dir / sub)).save_pretrained(str(cache / hub_id.replace("/", "_")))
-    return checkpoint, configs, cache
+    return checkpoint, configs, tokenizer_cache(tiny_sdxl_dir, folder / "tokenizers")
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ import signal
 
 import pytest
 import torch
-from transformers import CLIPTokenizer
 
 import train_leco
 from library import leco_step, training
@@ -21,6 +20,7 @@ from tests.helpers import (
     lora_changed,
     lora_tensors,
     scalars,
+    tokenizer_cache,
     write_prompts,
 )
 
@@ -77,18 +77,12 @@ def test_same_seed_gives_identical_lora(tiny_sd_dir, tmp_path):
     assert not all(torch.equal(first[key], third[key]) for key in first)
 
 
-def _tokenizer_cache(tiny_dir, cache):
-    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
-    tokenizer.save_pretrained(str(cache / "openai_clip-vit-large-patch14"))
-    return cache
-
-
 @pytest.fixture(scope="module")
 def tiny_sd_single_file(tiny_sd_dir, tmp_path_factory):
     """The tiny SD model as one original-layout file, its configs and a tokenizer cache (offline use)."""
     folder = tmp_path_factory.mktemp("single_file")
     checkpoint = export_single_file(tiny_sd_dir, folder / "tiny_sd.safetensors", "sd1")
-    return checkpoint, config_only_copy(tiny_sd_dir, folder / "configs"), _tokenizer_cache(tiny_sd_dir, folder / "tokenizers")
+    return checkpoint, config_only_copy(tiny_sd_dir, folder / "configs"), tokenizer_cache(tiny_sd_dir, folder / "tokenizers")
 
 
 @pytest.mark.parametrize("kind", ["erase", "enhance", "slider"])

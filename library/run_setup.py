@@ -39,16 +39,40 @@ def make_accelerator(config: RunConfig, tracker_name: str):
     log_dir = None
     if config.log.logging_dir:
         log_dir = str(Path(config.log.logging_dir) / f"{config.log.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+    handlers = []
+    if config.train.ddp_timeout_minutes:
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=config.train.ddp_timeout_minutes)))
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # also makes a multi-process launch on CPUs use gloo DDP
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=mixed,
         log_with=config.log.log_with,
         project_dir=log_dir,
+        kwargs_handlers=handlers,
     )
     if accelerator.is_main_process and config.log.log_with:
         accelerator.init_trackers(config.log.log_tracker_name or tracker_name, config=tracker_config(config))
     return accelerator
+
+
+@contextlib.contextmanager
+def tf32_matmuls(allow: bool):
+    """``--allow_tf32``: let float32 matmuls and cuDNN convolutions use TF32 (Ampere and newer) for
+    the run, then put torch's process-wide switches back (a notebook's next run starts clean)."""
+    if not allow:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 def tracker_config(config: RunConfig) -> dict[str, Any]:

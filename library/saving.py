@@ -239,13 +239,20 @@ def save_network_file(network, path: Path, dtype: torch.dtype | None, metadata: 
     return path
 
 
-def prune_step_files(output_dir: Path, output_name: str, extension: str, current_step: int, keep_last_n_steps: int) -> None:
-    """``--save_last_n_steps``: delete intermediate files older than ``current_step - N``."""
-    for file in output_dir.glob(f"{output_name}-step*.{extension}"):
-        try:
-            step = int(file.stem.rsplit("-step", 1)[1])
-        except (IndexError, ValueError):
+def prune_step_outputs(output_dir: Path, output_name: str, suffix: str, current_step: int, keep_last_n_steps: int) -> None:
+    """Delete ``NAME-stepNNNNNNNN<suffix>`` files (or state folders, suffix ``-state``) whose step is
+    older than ``current_step - N`` (``--save_last_n_steps`` / ``--save_last_n_steps_state``, sd-scripts' rule)."""
+    import glob
+    import shutil
+
+    prefix = f"{output_name}-step"
+    for path in output_dir.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        digits = path.name[len(prefix): len(path.name) - len(suffix)]
+        if not digits.isdigit() or int(digits) >= current_step - keep_last_n_steps:
             continue
-        if step < current_step - keep_last_n_steps:
-            file.unlink(missing_ok=True)
-            logger.info("removed old checkpoint %s", file.name)
+        kind = "state" if path.is_dir() else "checkpoint"
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        logger.info("removed old %s %s", kind, path.name)

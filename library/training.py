@@ -25,13 +25,13 @@ from library.optimizer_step import accumulate_and_step, broadcast_parameters, ra
 from library.optimizers import is_schedule_free
 from library.run_setup import (
     allow_fp16_gradient_unscaling,
-    tf32_matmuls,
     create_lora_network,
     make_accelerator,
     optimizer_and_schedule,
     optimizer_name,
     prepare_unet,
     seeded_generator,
+    tf32_matmuls,
     weight_dtype_for,
 )
 from library.sampling import SampleGridMaker, build_sample_scheduler, latent_preview, save_grid, vae_decoder

@@ -232,6 +232,84 @@ def _checked_kind(path: Path, kind: str) -> None:
         raise ValueError(f"{path.name} is an {found} checkpoint, but kind {kind!r} was requested")
 
 
+def check_config_dir(config_dir: str | os.PathLike[str], kind: str) -> dict[str, Any]:
+    """Check that ``config_dir`` holds the configs a ``kind`` checkpoint needs; return its scheduler config.
+
+    Raises:
+        FileNotFoundError: the folder lacks ``model_index.json`` or a component's config.
+    """
+    from diffusers import DDPMScheduler
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; use one of {', '.join(KINDS)}")
+    config_dir = Path(config_dir)
+    names = ("unet", "text_encoder", "scheduler") + (("text_encoder_2",) if kind == "sdxl" else ())
+    _require_configs(config_dir, names)
+    return dict(DDPMScheduler.load_config(str(config_dir), subfolder="scheduler"))
+
+
+def open_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, memory-mapped: nothing is copied until a tensor is converted.
+
+    ``.safetensors`` tensors are views of the file's pages (which the kernel can drop again);
+    zip-format ``.ckpt`` files are mapped by ``torch.load(mmap=True)``. Drop the dict to unmap.
+    """
+    path = _check_file(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return load_ckpt_state_dict(path)
+
+
+def load_single_file_unet(path: str | os.PathLike[str], config_dir: str | os.PathLike[str],
+                          torch_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The U-Net of an original-layout checkpoint, each weight converted straight into ``torch_dtype``.
+
+    The model is built on the meta device and filled tensor by tensor from the memory-mapped file,
+    so the only copy in memory is the U-Net in ``torch_dtype`` (a bf16 run never holds float32
+    weights). Frozen, eval mode.
+    """
+    from diffusers import UNet2DConditionModel
+
+    path, config_dir = Path(path), Path(config_dir)
+    checkpoint = open_state_dict(path)
+    try:
+        unet = UNet2DConditionModel.from_single_file(checkpoint, config=str(config_dir), subfolder="unet",
+                                                     local_files_only=True, torch_dtype=torch_dtype)
+    except ValueError as error:
+        raise _config_mismatch(error, path, config_dir) from error
+    finally:
+        del checkpoint  # unmap the file: the U-Net holds converted copies only
+    _check_loaded(unet, "unet", path)
+    return unet.requires_grad_(False).eval()
+
+
+def load_single_file_text_encoder(path: str | os.PathLike[str], kind: str, config_dir: str | os.PathLike[str], index: int = 0,
+                                  torch_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Text encoder ``index`` of an original-layout checkpoint (1 = SDXL's OpenCLIP-bigG), in ``torch_dtype``.
+
+    Only this encoder's weights are converted; the rest of the file stays unread. Frozen, eval mode.
+    """
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path, config_dir = Path(path), Path(config_dir)
+    if index not in ((0, 1) if kind == "sdxl" else (0,)):
+        raise ValueError(f"a {kind} checkpoint has no text encoder {index}")
+    cls, subfolder = (CLIPTextModelWithProjection, "text_encoder_2") if index == 1 else (CLIPTextModel, "text_encoder")
+    checkpoint = open_state_dict(path)
+    try:
+        encoder = create_diffusers_clip_model_from_ldm(cls, checkpoint, subfolder=subfolder, config=str(config_dir),
+                                                       torch_dtype=torch_dtype, local_files_only=True)
+    except ValueError as error:
+        raise _config_mismatch(error, path, config_dir) from error
+    finally:
+        del checkpoint
+    _check_loaded(encoder, subfolder, path)
+    return encoder.requires_grad_(False).eval()
+
+
 def load_single_file(
     path: str | os.PathLike[str],
     kind: str,
@@ -241,9 +319,10 @@ def load_single_file(
 ) -> dict[str, Any]:
     """Load the U-Net and text encoder(s) of an original-layout checkpoint, without the VAE.
 
-    Uses diffusers' ``StableDiffusionPipeline``/``StableDiffusionXLPipeline.from_single_file`` with a
-    local ``config`` folder, ``local_files_only=True`` and ``vae=None`` (the VAE weights are
-    neither converted nor loaded), so no network access is needed.
+    Each component is converted from the memory-mapped file with diffusers' single-file
+    converters and a local ``config`` folder, so no network access is needed and the VAE
+    weights are neither converted nor loaded. (Training loads the components one at a time
+    through :func:`load_single_file_text_encoder` and :func:`load_single_file_unet`.)
 
     Args:
         path: ``.safetensors`` or ``.ckpt`` single file.
@@ -251,59 +330,32 @@ def load_single_file(
         config_dir: diffusers-layout config folder (``model_index.json``, ``unet/``,
             ``text_encoder/``, ``scheduler/`` and for SDXL ``text_encoder_2/``), e.g.
             :func:`default_config_dir`.
-        tokenizers: ``{"tokenizer": ...}`` and for SDXL also ``"tokenizer_2"``; handed to the
-            pipeline so that no tokenizer files are needed in ``config_dir``.
-        torch_dtype: optional dtype for the loaded models.
+        tokenizers: ``{"tokenizer": ...}`` and for SDXL also ``"tokenizer_2"`` (checked to be
+            present: a model without its tokenizers cannot encode prompts).
+        torch_dtype: optional dtype for the loaded models (default float32).
 
     Returns:
         ``{"unet", "text_encoder", "scheduler_config"}`` plus ``"text_encoder_2"`` for SDXL; the
         models are frozen (``requires_grad`` off) and in eval mode, the scheduler config is a plain
-        dict (from ``config_dir/scheduler``). Without ``torch_dtype`` the models are float32 and,
-        for ``.safetensors``, backed by a copy-on-write memory map of the file (fast, lazily paged).
+        dict (from ``config_dir/scheduler``).
     """
     path = _check_file(path)
     config_dir = Path(config_dir)
     _checked_kind(path, kind)
-    is_xl = kind == "sdxl"
-    names = ("unet", "text_encoder", "scheduler") + (("text_encoder_2",) if is_xl else ())
-    _require_configs(config_dir, names)
-    needed = ("tokenizer", "tokenizer_2") if is_xl else ("tokenizer",)
+    scheduler_config = check_config_dir(config_dir, kind)
+    needed = ("tokenizer", "tokenizer_2") if kind == "sdxl" else ("tokenizer",)
     absent = [name for name in needed if tokenizers.get(name) is None]
     if absent:
         raise ValueError(f"load_single_file needs tokenizers {', '.join(absent)} for a {kind} checkpoint")
-
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    extra: dict[str, Any] = {"tokenizer": tokenizers["tokenizer"]}
-    if is_xl:
-        pipeline_class = StableDiffusionXLPipeline
-        extra.update(tokenizer_2=tokenizers["tokenizer_2"], image_encoder=None, feature_extractor=None)
-    else:
-        pipeline_class = StableDiffusionPipeline
-        extra.update(safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     logger.info("loading %s checkpoint %s (configs from %s, VAE skipped)", kind, path, config_dir)
-    try:
-        pipe = pipeline_class.from_single_file(
-            str(path),
-            config=str(config_dir),
-            vae=None,
-            local_files_only=True,
-            torch_dtype=torch_dtype,
-            **extra,
-        )
-    except ValueError as error:
-        raise _config_mismatch(error, path, config_dir) from error
+    dtype = torch_dtype or torch.float32
     result: dict[str, Any] = {
-        "unet": pipe.unet,
-        "text_encoder": pipe.text_encoder,
-        "scheduler_config": dict(pipe.scheduler.config),
+        "unet": load_single_file_unet(path, config_dir, dtype),
+        "text_encoder": load_single_file_text_encoder(path, kind, config_dir, 0, dtype),
+        "scheduler_config": scheduler_config,
     }
-    if is_xl:
-        result["text_encoder_2"] = pipe.text_encoder_2
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        if name in result:
-            _check_loaded(result[name], name, path)
-            result[name].requires_grad_(False)
+    if kind == "sdxl":
+        result["text_encoder_2"] = load_single_file_text_encoder(path, kind, config_dir, 1, dtype)
     return result
 
 

@@ -7,7 +7,6 @@ bottom; the maths lives in ``leco_step``, ``targets`` and ``diffusion``.
 
 from __future__ import annotations
 
-import gc
 import logging
 import random
 import time
@@ -110,14 +109,11 @@ class Trainer:
         return model
 
     def cache_prompts(self, model: LoadedModel):
+        """Encode every prompt once, each text encoder loaded in the run's dtype and released after use."""
         prompts = list(self.config.prompts.all_prompts)
         for sample in self.config.sample.prompts:
             prompts += [sample.prompt, sample.negative]
-        cache = self.family.encode(model, prompts, self.device)
-        model.release_text_encoders()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        cache = self.family.encode(model, prompts, self.device, self.weight_dtype)
         logger.info("cached %d prompt embeddings; text encoders released", len(cache))
         return cache.to(self.device, self.weight_dtype)
 
@@ -295,7 +291,9 @@ class Trainer:
         accelerator = self.accelerator
         model = self.load_model()
         cache = self.cache_prompts(model)
-        unet = prepare_unet(model.unet, self.device, self.weight_dtype, cfg.train.attention, cfg.train.gradient_checkpointing)
+        # the U-Net is read only now, after the text encoders are gone, straight into the run's dtype
+        unet = prepare_unet(model.load_unet(self.weight_dtype), self.device, self.weight_dtype, cfg.train.attention,
+                            cfg.train.gradient_checkpointing)
         network = self.build_network(unet)
         foreign_sdxl = self.family.name == "sdxl" and cfg.network.module != "networks.lora"
         self.sgm_aliases = kohya_aliases(unet) if foreign_sdxl else None

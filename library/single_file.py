@@ -266,23 +266,49 @@ def load_single_file_unet(path: str | os.PathLike[str], config_dir: str | os.Pat
                           torch_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The U-Net of an original-layout checkpoint, each weight converted straight into ``torch_dtype``.
 
-    The model is built on the meta device and filled tensor by tensor from the memory-mapped file,
-    so the only copy in memory is the U-Net in ``torch_dtype`` (a bf16 run never holds float32
-    weights). Frozen, eval mode.
+    The model is built on the meta device (no weights are allocated or randomly initialised), the
+    memory-mapped file's U-Net tensors are renamed with diffusers' converter and cast one by one,
+    and the results become the parameters (``assign``). The only copy in memory is therefore the
+    U-Net in ``torch_dtype``: a bf16 run never holds float32 weights, and a file already in
+    ``torch_dtype`` is used in place. Frozen, eval mode.
     """
     from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     path, config_dir = Path(path), Path(config_dir)
+    dtype = torch_dtype or torch.float32
+    config = UNet2DConditionModel.load_config(str(config_dir), subfolder="unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
     checkpoint = open_state_dict(path)
     try:
-        unet = UNet2DConditionModel.from_single_file(checkpoint, config=str(config_dir), subfolder="unet",
-                                                     local_files_only=True, torch_dtype=torch_dtype)
-    except ValueError as error:
-        raise _config_mismatch(error, path, config_dir) from error
-    finally:
-        del checkpoint  # unmap the file: the U-Net holds converted copies only
+        converted = convert_ldm_unet_checkpoint(checkpoint, unet.config)
+        del checkpoint  # the converted dict keeps only the U-Net's views of the file
+        weights = {}
+        for name in list(converted):
+            value = converted.pop(name)
+            weights[name] = value.to(dtype) if value.is_floating_point() else value
+        unet.load_state_dict(weights, strict=True, assign=True)
+    except (KeyError, RuntimeError) as error:
+        raise _state_dict_mismatch(error, path, config_dir) from None
     _check_loaded(unet, "unet", path)
     return unet.requires_grad_(False).eval()
+
+
+def _state_dict_mismatch(error: Exception, path: Path, config_dir: Path) -> ValueError:
+    """Reword torch's ``load_state_dict`` error (or a converter's KeyError) as one line naming the first mismatch."""
+    message = str(error)
+    size = re.search(r"size mismatch for (\S+): copying a param with shape (.+?) from checkpoint, "
+                     r"the shape in current model is (.+?)\.", message)
+    missing = re.search(r"Missing key\(s\) in state_dict: \"([^\"]+)\"", message)
+    if size:
+        detail = f"{size[1]}: config expects {size[3]}, file has {size[2]}"
+    elif missing:
+        detail = f"the file has no {missing[1]}"
+    else:
+        detail = f"{type(error).__name__}: {message.strip().splitlines()[0][:200] if message.strip() else ''}"
+    return ValueError(f"{path.name} does not match the config folder {config_dir} ({detail}); "
+                      "use the config folder of this model family")
 
 
 def load_single_file_text_encoder(path: str | os.PathLike[str], kind: str, config_dir: str | os.PathLike[str], index: int = 0,

@@ -183,6 +183,17 @@ def modelspec(config: RunConfig, kind: str, v_pred: bool, resolution: tuple[int,
     return spec
 
 
+# What clients need to classify a LoRA, kept under --no_metadata (sd-scripts' SS_METADATA_MINIMUM_KEYS):
+# AUTOMATIC1111 tells SDXL/SD2/SD1 apart by ss_base_model_version and ss_v2 and hides other families.
+MINIMUM_METADATA_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                         "ss_network_args")
+
+
+def minimum_metadata(static: dict[str, str]) -> dict[str, str]:
+    """``--no_metadata``: only the keys clients need to classify the file (no prompts, paths or training details)."""
+    return {key: static[key] for key in MINIMUM_METADATA_KEYS if key in static}
+
+
 def step_metadata(static: dict[str, str], step: int, hashes: BaseModelHashes, final: bool) -> dict[str, str]:
     """Static metadata plus what changes per save (step count, finish time, base hash)."""
     metadata = dict(static)

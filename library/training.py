@@ -39,6 +39,7 @@ from library.saving import (
     BaseModelHashes,
     build_metadata,
     final_file_name,
+    minimum_metadata,
     prune_step_outputs,
     save_network_file,
     step_file_name,
@@ -168,7 +169,8 @@ class Trainer:
     def _write(self, network, optimizer, lr_scheduler, step: int, final: bool) -> Path:
         out = self.config.output
         name = final_file_name(out.output_name, self.extension) if final else step_file_name(out.output_name, step, self.extension)
-        metadata = None if out.no_metadata else step_metadata(self.static_metadata, step, self.hashes, final)
+        metadata = minimum_metadata(self.static_metadata) if out.no_metadata else step_metadata(self.static_metadata, step,
+                                                                                                  self.hashes, final)
         eval_mode = getattr(optimizer, "eval", None) if is_schedule_free(self.config.optimizer.optimizer_type) else None
         if eval_mode:
             eval_mode()  # schedule-free: save the averaged weights, not the training iterate

@@ -86,3 +86,27 @@ def test_a_thousand_step_schedule_fits_the_model(tiny_sd_dir):
     scheduler = build_noise_scheduler(SCHEDULER_CONFIG, "epsilon", num_inference_steps=40)
     scheduler.set_timesteps(40)
     assert int(scheduler.timesteps[0]) == 976 and int(scheduler.timesteps[-1]) == 1
+
+
+def test_prepare_unet_casts_before_it_moves(tiny_sd_dir):
+    """A float32 U-Net must reach the device already in the run's dtype: moving first would put the float32
+    weights on the GPU (about 10 GB for SDXL) before the cast halves them."""
+    from diffusers import UNet2DConditionModel
+
+    from library.run_setup import prepare_unet
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    moves = []
+    original_to = unet.to
+
+    def to(*args, **kwargs):
+        target = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
+        if target is not None:
+            moves.append({param.dtype for param in unet.parameters()})
+        return original_to(*args, **kwargs)
+
+    unet.to = to
+    prepared = prepare_unet(unet, META, torch.bfloat16, "sdpa", False)
+    assert moves == [{torch.bfloat16}]
+    assert {param.device for param in prepared.parameters()} == {META}
+    assert not any(param.requires_grad for param in prepared.parameters())

@@ -7,6 +7,7 @@ bottom; the maths lives in ``leco_step``, ``targets`` and ``diffusion``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -171,10 +172,7 @@ class Trainer:
         name = final_file_name(out.output_name, self.extension) if final else step_file_name(out.output_name, step, self.extension)
         metadata = minimum_metadata(self.static_metadata) if out.no_metadata else step_metadata(self.static_metadata, step,
                                                                                                   self.hashes, final)
-        eval_mode = getattr(optimizer, "eval", None) if is_schedule_free(self.config.optimizer.optimizer_type) else None
-        if eval_mode:
-            eval_mode()  # schedule-free: save the averaged weights, not the training iterate
-        try:
+        with self._averaged_weights(optimizer):
             path = save_network_file(network, self.output_dir / name, SAVE_DTYPES[out.save_precision], metadata,
                                      self.sgm_aliases)
             if out.save_state or (final and out.save_state_on_train_end):
@@ -182,9 +180,6 @@ class Trainer:
                 save_state(state_dir, network, optimizer, lr_scheduler, step, self.generator, self.fingerprint,
                            getattr(self.accelerator, "scaler", None))
                 logger.info("saved state %s", state_dir)
-        finally:
-            if eval_mode:
-                optimizer.train()
         self.files.append(path)
         logger.info("saved %s", path)
         if not final and out.save_last_n_steps:
@@ -192,6 +187,19 @@ class Trainer:
         if not final and out.save_state and out.save_last_n_steps_state:
             prune_step_outputs(self.output_dir, out.output_name, "-state", step, out.save_last_n_steps_state)
         return path
+
+    @contextlib.contextmanager
+    def _averaged_weights(self, optimizer):
+        """Schedule-free optimizers: the LoRA holds the averaged weights (what is saved and sampled)
+        inside the block, and the training iterate again after it."""
+        eval_mode = getattr(optimizer, "eval", None) if is_schedule_free(self.config.optimizer.optimizer_type) else None
+        if eval_mode:
+            eval_mode()
+        try:
+            yield
+        finally:
+            if eval_mode:
+                optimizer.train()
 
     def _refuse_non_finite_weights(self, network, step: int) -> None:
         bad = [name for name, value in network.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
@@ -206,16 +214,10 @@ class Trainer:
         if grid_maker is None:
             return
         accelerator = self.accelerator
-        eval_mode = getattr(optimizer, "eval", None) if is_schedule_free(self.config.optimizer.optimizer_type) else None
-        if eval_mode:
-            eval_mode()
-        try:
+        with self._averaged_weights(optimizer):
             cells = grid_maker.cells(self.config.sample.prompts, self.config.sample.multipliers, self.config.sample.sampler,
                                      shard=(accelerator.process_index, accelerator.num_processes),
                                      should_stop=lambda: stop.requested)
-        finally:
-            if eval_mode:
-                optimizer.train()
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 

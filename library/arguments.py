@@ -237,7 +237,8 @@ def _add_saving_args(group) -> None:
     group.add_argument("--save_state", action="store_true", help="with every save, also write the training state for --resume")
     group.add_argument("--save_state_on_train_end", action="store_true", help="write the training state at the end only")
     group.add_argument("--resume", metavar="STATE_DIR", help="continue from a state folder written by --save_state")
-    group.add_argument("--no_metadata", action="store_true", help="write only what clients need to classify the file (model family, network module/dim/alpha/args): "
+    group.add_argument("--no_metadata", action="store_true",
+                       help="write only what clients need to classify the file (model family, network module/dim/alpha/args): "
                             "no prompts, paths or training details")
     group.add_argument("--training_comment", help="free text stored as ss_training_comment")
     group.add_argument("--metadata_title", help="modelspec.title (default: output name)")

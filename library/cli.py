@@ -111,14 +111,14 @@ def _check_existing(flag: str, path: str | None) -> None:
         raise UserError(f"--{flag}: not found: {path}")
 
 
-def _check_network_args(module: str, items: list[str] | None) -> None:
-    """networks.lora's options are checked here, before any model is loaded."""
+def _check_network_args(module: str, items: list[str] | None, family: str | None = None) -> None:
+    """networks.lora's options are checked here, before any model is loaded (block counts by family)."""
     if module != "networks.lora":
         return
     from networks.lora import validate_network_args
 
     try:
-        validate_network_args(parse_key_values(items, "--network_args"))
+        validate_network_args(parse_key_values(items, "--network_args"), family)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -241,7 +241,7 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
             if not (Path(args.model_config_dir).expanduser() / needed).is_file():
                 raise UserError(f"--model_config_dir: {args.model_config_dir} has no {needed} (give a diffusers-layout config folder)")
     _check_network_module(args.network_module)
-    _check_network_args(args.network_module, args.network_args)
+    _check_network_args(args.network_module, args.network_args, family)
     if args.network_weights:
         _check_network_weights(args.network_weights, args.network_module)
     if args.resume:

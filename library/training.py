@@ -22,7 +22,7 @@ from library.family import ModelFamily, family_for
 from library.leco_step import LecoStep
 from library.models import LoadedModel, load_base_model, load_vae
 from library.optimizer_step import accumulate_and_step, broadcast_parameters, ranks_agree
-from library.optimizers import is_schedule_free
+from library.optimizers import is_schedule_free, lr_logs
 from library.run_setup import (
     allow_fp16_gradient_unscaling,
     create_lora_network,
@@ -47,6 +47,7 @@ from library.saving import (
 from library.state import check_fingerprint, load_state, save_state, state_dir_name
 from library.stop import StopRequest
 from networks.lora import kohya_aliases
+from networks.lora_blocks import layer_control_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +280,7 @@ class Trainer:
         network_alpha = float(getattr(network, "alpha", cfg.network.alpha))
         self.fingerprint = {"network_module": cfg.network.module, "network_dim": network_dim,
                             "network_alpha": network_alpha, "optimizer_type": cfg.optimizer.optimizer_type.lower()}
+        self.fingerprint["layer_control"] = layer_control_fingerprint(cfg.network.args)  # block dims/lr weights, LoRA+
         start_step = self.resume(network, optimizer, lr_scheduler, self.fingerprint)
         broadcast_parameters(network, accelerator)
         optimizer = accelerator.prepare(optimizer)
@@ -363,14 +365,13 @@ class Trainer:
         raise TrainingInterrupted(f"stopped at step {step}; saved {self.files[-1] if self.files else 'nothing'}")
 
     def _step_logs(self, micro_losses, group_losses, optimizer, result) -> dict[str, float]:
+        opt = self.config.optimizer
         logs = {
             "loss": sum(micro_losses) / len(micro_losses),
-            "lr": float(optimizer.param_groups[0]["lr"] or 0.0),
+            **lr_logs(optimizer.param_groups, opt.unet_lr if opt.unet_lr is not None else opt.learning_rate),
             "timestep": float(result.timestep),
             "denoise_steps": float(result.denoise_steps),
         }
-        if "d" in optimizer.param_groups[0]:  # Prodigy / D-Adaptation: the effective learning rate
-            logs["lr/d*lr"] = float(optimizer.param_groups[0]["d"] * (optimizer.param_groups[0]["lr"] or 0.0))
         for group, values in group_losses.items():
             logs[f"loss/{group}"] = sum(values) / len(values)
         return logs

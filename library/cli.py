@@ -123,6 +123,18 @@ def _check_network_args(module: str, items: list[str] | None, family: str | None
         raise UserError(str(exc)) from None
 
 
+def _check_group_learning_rates(module: str, items: list[str] | None, optimizer_type: str, family: str) -> None:
+    """Per-block lr weights and LoRA+ need an optimizer that accepts a learning rate per parameter group."""
+    if module != "networks.lora":
+        return
+    from networks.lora_blocks import check_optimizer_accepts_groups
+
+    try:
+        check_optimizer_accepts_groups(parse_key_values(items, "--network_args"), optimizer_type, family)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _check_network_module(name: str) -> None:
     try:
         found = importlib.util.find_spec(name)
@@ -248,6 +260,7 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
         check_state_folder(args.resume)
     attention = _check_attention(args)
     optimizer_type = _optimizer_type(args)
+    _check_group_learning_rates(args.network_module, args.network_args, optimizer_type, family)
     prompts = load_prompt_file(args.prompts_file)
     sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else ()
 

@@ -402,13 +402,13 @@ class LoRANetwork(nn.Module):
                     f"{Path(file).name}: {key} has shape {tuple(value.shape)}, the network expects {tuple(own[key].shape)} "
                     "(different --network_dim/conv_dim? use --dim_from_weights)"
                 )
+        alphas_before = {lora.lora_name: lora.alpha.clone() for lora in self.unet_loras}
         self.load_state_dict({key: value for key, value in weights.items() if key in own}, strict=False)
         changed = []
         for lora in self.unet_loras:  # the file's alpha decides the scale (a different --network_alpha / block_alphas)
-            scale = float(lora.alpha) / lora.lora_dim
-            if not math.isclose(scale, lora.scale, rel_tol=1e-6):
+            if not torch.equal(lora.alpha, alphas_before[lora.lora_name]):
                 changed.append(lora.lora_name)
-                lora.scale = scale
+                lora.scale = float(lora.alpha) / lora.lora_dim
         if changed:
             logger.warning("%s: %d modules have another alpha in the file than this network's (first: %s); the file's alphas are used",
                            Path(file).name, len(changed), changed[0])

@@ -429,3 +429,21 @@ def layer_control_fingerprint(network_args: dict[str, Any]) -> dict[str, str]:
     state's parameter groups and learning rates only fit a run with the same options."""
     return {key: re.sub(r"\s+", "", str(network_args[key])) for key in BLOCK_ARG_KEYS + LORAPLUS_KEYS
             if network_args.get(key) not in (None, "")}
+
+
+def check_optimizer_accepts_groups(kwargs: dict[str, Any], optimizer_type: str, family: str | None) -> None:
+    """Prodigy and D-Adaptation refuse parameter groups with different learning rates (they raise at
+    the first step), so LoRA+ and lr weights other than 0 and 1 are refused with them before loading."""
+    name = optimizer_type.lower()
+    if "prodigy" not in name and "dadapt" not in name:
+        return
+    for key in LORAPLUS_KEYS:
+        if kwargs.get(key) not in (None, ""):
+            raise ValueError(f"--network_args {key}: --optimizer_type {optimizer_type} needs one learning rate for every "
+                             "parameter group; LoRA+ cannot be used with it")
+    layout = layout_for(family or "sd")
+    weights = parse_block_lr_weights(kwargs, layout) or ()
+    for index, weight in enumerate(weights):
+        if weight not in (0.0, 1.0):
+            raise ValueError(f"--network_args lr weights: --optimizer_type {optimizer_type} needs one learning rate for every "
+                             f"parameter group; {layout.label(index)} has weight {weight:g} (only 0, to drop a block, or 1 work)")

@@ -194,6 +194,31 @@ def test_the_schedule_moves_every_group_and_the_logs_name_them(tiny_sd_dir):
         schedule.step()
 
 
+@pytest.mark.parametrize("optimizer, kwargs", [
+    ("AdamW8bit", {"min_8bit_size": 0}), ("Lion", {}), ("Adafactor", {}), ("AdamWScheduleFree", {}),
+])
+def test_named_block_groups_work_with_every_optimizer_family(optimizer, kwargs, tiny_sd_dir):
+    from library.optimizers import create_optimizer
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    network = create_network(1.0, 4, 1.0, None, [], unet, mid_lr_weight="0.5", loraplus_lr_ratio="2")
+    network.apply_to()
+    unet.requires_grad_(False)
+    groups, names = network.prepare_optimizer_params(None, 1e-3, 1e-3)
+    opt = create_optimizer(optimizer, [{**group, "name": name} for group, name in zip(groups, names)], 1e-3, kwargs)
+    if hasattr(opt, "train"):
+        opt.train()
+    before = {name: group["params"][0].detach().clone() for name, group in zip(names, opt.param_groups)}
+    latents = torch.randn(1, 4, 8, 8)
+    unet(latents, 500, encoder_hidden_states=torch.randn(1, 77, 32)).sample.pow(2).mean().backward()
+    opt.step()
+    logs = lr_logs(opt.param_groups, 1e-3)
+    assert logs["lr/unet_block12"] == pytest.approx(logs["lr/unet_block16"] * 0.5)
+    assert logs["lr/unet_block16 plus"] == pytest.approx(logs["lr/unet_block16"] * 2)
+    moved = {name for name, group in zip(names, opt.param_groups) if not torch.equal(before[name], group["params"][0])}
+    assert {"unet_block12 plus", "unet_block16 plus"} <= moved  # lora_up (zero at first) gets the first gradient
+
+
 # ----------------------------------------------------------------------------------------------
 # ranks and alphas per block
 
@@ -381,6 +406,29 @@ def test_bad_block_args_exit_2_with_one_line_before_loading(family, network_args
     assert "Traceback" not in captured.err + captured.out and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("network_args, fragments", [
+    (["loraplus_lr_ratio=16"], ["loraplus_lr_ratio", "Prodigy", "one learning rate"]),
+    (["mid_lr_weight=0.5"], ["MID = middle_block has weight 0.5", "Prodigy"]),
+])
+def test_prodigy_refuses_different_group_learning_rates_before_loading(network_args, fragments, tiny_sd_dir, tmp_path,
+                                                                       capsys, no_training):
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out") + [
+        "--optimizer_type", "Prodigy", "--learning_rate", "1.0", "--network_args", *network_args]
+    capsys.readouterr()
+    assert train_leco.main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and all(fragment in lines[0] for fragment in fragments), lines
+
+
+def test_prodigy_trains_with_blocks_dropped_by_weight_zero(tiny_sd_dir, tmp_path):
+    """Weights of 0 (no LoRA) and 1 keep one learning rate, which Prodigy needs."""
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=2) + [
+        "--optimizer_type", "Prodigy", "--learning_rate", "1.0", "--network_args", "down_lr_weight=zeros", "mid_lr_weight=0"]
+    assert train_leco.main(argv) == 0
+    names = {key.split(".")[0] for key in lora_tensors(tmp_path / "out" / "leco.safetensors")}
+    assert names and all(name.startswith("lora_unet_up_blocks_") for name in names)
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end
 
@@ -464,3 +512,30 @@ def test_sdxl_run_with_block_dims_and_lr_weights(tiny_sdxl_dir, tmp_path):
     out05 = math.sin(math.pi / 2 * 3 / 8)  # cosine over OUT00..OUT08: OUT05 = sin(pi/2 * (8-5)/8)
     assert scalars(logs, "lr/unet_block18") == pytest.approx([1e-3 * out05] * 2, rel=1e-6)
     load_lora_into_pipeline(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir), out / "leco.safetensors")
+
+
+def test_the_guides_layer_control_examples_are_valid():
+    """Every --network_args example of the guide's layer-control section passes the checks for its family."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import tomllib
+
+    from networks.lora import validate_network_args
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "train_leco.md").read_text(encoding="utf-8")
+    section = text[text.index("#### Layer control"):]
+    section = section[:section.index("\n### ")]
+    checked = 0
+    for kind, block in re.findall(r"```(bash|toml)\n(.*?)```", section, re.S):
+        if kind == "toml":
+            items, family = tomllib.loads(block)["network"]["network_args"], "sd"
+        else:
+            words = shlex.split(block.replace("\\\n", " "))
+            items = words[words.index("--network_args") + 1:]
+            family = "sdxl" if "sdxl_train_leco.py" in words else "sd"
+        kwargs = dict(item.split("=", 1) for item in items)
+        validate_network_args(kwargs, family)
+        checked += 1
+    assert checked >= 5

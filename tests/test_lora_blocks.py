@@ -420,6 +420,7 @@ def test_prodigy_refuses_different_group_learning_rates_before_loading(network_a
     assert len(lines) == 1 and all(fragment in lines[0] for fragment in fragments), lines
 
 
+@pytest.mark.slow
 def test_prodigy_trains_with_blocks_dropped_by_weight_zero(tiny_sd_dir, tmp_path):
     """Weights of 0 (no LoRA) and 1 keep one learning rate, which Prodigy needs."""
     argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=2) + [

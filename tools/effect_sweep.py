@@ -5,7 +5,7 @@ file (TOML fields can be overridden per variant), evaluates it through diffusers
 ``load_lora_weights`` and prints one Markdown row: seconds, erase/enhance/slider metrics and
 preservation.
 
-    python -m tools.effect_sweep                     # every variant below (about 15 minutes on 2 cores)
+    python -m tools.effect_sweep                     # every variant below (about 25 minutes on 2 cores)
     python -m tools.effect_sweep --only erase        # variants whose name starts with "erase"
     python -m tools.effect_sweep --only erase --steps 30   # the erase variants before they saturate
     python -m tools.effect_sweep --steps 300 --json out.json
@@ -68,6 +68,8 @@ VARIANTS = (
     Variant("erase layers: all blocks", "concept_erase_red.toml"),
     Variant("erase layers: up only", "concept_erase_red.toml", flags={"network_args": "down_lr_weight=zeros mid_lr_weight=0"}),
     Variant("erase layers: down only", "concept_erase_red.toml", flags={"network_args": "up_lr_weight=zeros mid_lr_weight=0"}),
+    Variant("erase layers: down only, lr x4", "concept_erase_red.toml",
+            flags={"network_args": "down_lr_weight=zeros+4 up_lr_weight=zeros mid_lr_weight=0"}),
     Variant("erase layers: middle only", "concept_erase_red.toml",
             flags={"network_args": "down_lr_weight=zeros up_lr_weight=zeros"}),
     Variant("erase layers: middle lr x2", "concept_erase_red.toml", flags={"network_args": "mid_lr_weight=2"}),

@@ -159,7 +159,8 @@ class BlockSettings:
         return self.dims[index], self.alphas[index]
 
     def describe(self, loras: Sequence[nn.Module], block_of: dict[str, int]) -> str:
-        """What each block got, for the log: ``IN01: 15 modules, rank 4, lr x0.5; ...; no LoRA: MID``."""
+        """What each block got, for the log: ``IN01: 15 modules, rank 4, lr x0.5; ...; no LoRA: MID``
+        (blocks with layers this network could wrap but did not: rank or lr weight 0, or not in the file)."""
         members: dict[int, list[nn.Module]] = {}
         for lora in loras:
             members.setdefault(block_of[lora.lora_name], []).append(lora)
@@ -172,7 +173,7 @@ class BlockSettings:
             parts.append(part)
         empty = sorted(set(block_of.values()) - set(members))
         if empty:
-            parts.append("no LoRA (rank or lr weight 0): " + ", ".join(self.layout.label(index).split()[0] for index in empty))
+            parts.append("no LoRA: " + ", ".join(self.layout.label(index).split()[0] for index in empty))
         return "; ".join(parts)
 
 
@@ -200,7 +201,7 @@ def _split(key: str, text: str, expected: int, layout: BlockLayout, names: str) 
     return items
 
 
-def parse_block_values(key: str, text: str, layout: BlockLayout) -> tuple[float, ...]:
+def parse_block_values(key: str, text: str, layout: BlockLayout) -> tuple[int, ...] | tuple[float, ...]:
     """``block_dims`` / ``conv_block_dims`` (integers >= 0) or ``block_alphas`` / ``conv_block_alphas``
     (numbers >= 0): exactly ``layout.total`` comma-separated values."""
     items = _split(key, text, layout.total, layout, layout.order())

@@ -180,7 +180,9 @@ def _add_network_args(group) -> None:
     group.add_argument("--network_alpha", type=_positive_float, default=1.0, help="LoRA alpha; scale = alpha/dim (default 1)")
     group.add_argument("--network_dropout", type=float, default=None, help="dropout on the LoRA down-projection output")
     group.add_argument("--network_args", nargs="*", metavar="KEY=VALUE",
-                       help="extra network options, e.g. conv_dim=4 conv_alpha=1 train_method=xattn")
+                       help="extra network options, e.g. conv_dim=4 conv_alpha=1 train_method=xattn; per block: block_dims, "
+                            "block_alphas, conv_block_dims, conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold; "
+                            "LoRA+: loraplus_lr_ratio (docs/train_leco.md)")
     group.add_argument("--network_weights", metavar="FILE", help="start from these LoRA weights")
     group.add_argument("--dim_from_weights", action="store_true", help="take dim/alpha/modules from --network_weights")
     group.add_argument("--scale_weight_norms", type=_positive_float, default=None,

@@ -117,14 +117,26 @@ def _check_existing(flag: str, path: str | None) -> None:
         raise UserError(f"--{flag}: not found: {path}")
 
 
-def _check_network_args(module: str, items: list[str] | None) -> None:
-    """networks.lora's options are checked here, before any model is loaded."""
+def _check_network_args(module: str, items: list[str] | None, family: str | None = None) -> None:
+    """networks.lora's options are checked here, before any model is loaded (block counts by family)."""
     if module != "networks.lora":
         return
     from networks.lora import validate_network_args
 
     try:
-        validate_network_args(parse_key_values(items, "--network_args"))
+        validate_network_args(parse_key_values(items, "--network_args"), family)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_group_learning_rates(module: str, items: list[str] | None, optimizer_type: str, family: str) -> None:
+    """Per-block lr weights and LoRA+ need an optimizer that accepts a learning rate per parameter group."""
+    if module != "networks.lora":
+        return
+    from networks.lora_blocks import check_optimizer_accepts_groups
+
+    try:
+        check_optimizer_accepts_groups(parse_key_values(items, "--network_args"), optimizer_type, family)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -247,13 +259,14 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
             if not (Path(args.model_config_dir).expanduser() / needed).is_file():
                 raise UserError(f"--model_config_dir: {args.model_config_dir} has no {needed} (give a diffusers-layout config folder)")
     _check_network_module(args.network_module)
-    _check_network_args(args.network_module, args.network_args)
+    _check_network_args(args.network_module, args.network_args, family)
     if args.network_weights:
         _check_network_weights(args.network_weights, args.network_module)
     if args.resume:
         check_state_folder(args.resume)
     attention = _check_attention(args)
     optimizer_type = _optimizer_type(args)
+    _check_group_learning_rates(args.network_module, args.network_args, optimizer_type, family)
     prompts = load_prompt_file(args.prompts_file)
     sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else ()
 

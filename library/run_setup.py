@@ -176,7 +176,9 @@ def optimizer_and_schedule(config: RunConfig, network):
     lr = opt.unet_lr if opt.unet_lr is not None else opt.learning_rate
     params = network.prepare_optimizer_params(None, lr, opt.learning_rate)
     if isinstance(params, tuple):  # newer kohya protocol returns (groups, descriptions)
-        params = params[0]
+        params, descriptions = params
+        if len(descriptions) == len(params):  # sd-scripts' names (unet, unet plus, unet_block3 ...) for the lr logs
+            params = [{**group, "name": name} if isinstance(group, dict) else group for group, name in zip(params, descriptions)]
     optimizer = create_optimizer(opt.optimizer_type, params, opt.learning_rate, dict(opt.optimizer_args))
     if is_schedule_free(opt.optimizer_type):
         if opt.lr_scheduler != "constant" or opt.lr_warmup_steps:

@@ -22,7 +22,7 @@ from library.family import ModelFamily, family_for
 from library.leco_step import LecoStep
 from library.models import LoadedModel, load_base_model, load_vae
 from library.optimizer_step import accumulate_and_step, broadcast_parameters, ranks_agree
-from library.optimizers import is_schedule_free
+from library.optimizers import is_schedule_free, lr_logs
 from library.run_setup import (
     allow_fp16_gradient_unscaling,
     create_lora_network,
@@ -412,14 +412,13 @@ class Trainer:
         )
 
     def _step_logs(self, micro_losses, group_losses, optimizer, result) -> dict[str, float]:
+        opt = self.config.optimizer
         logs = {
             "loss": sum(micro_losses) / len(micro_losses),
-            "lr": float(optimizer.param_groups[0]["lr"] or 0.0),
+            **lr_logs(optimizer.param_groups, opt.unet_lr if opt.unet_lr is not None else opt.learning_rate),
             "timestep": float(result.timestep),
             "denoise_steps": float(result.denoise_steps),
         }
-        if "d" in optimizer.param_groups[0]:  # Prodigy / D-Adaptation: the effective learning rate
-            logs["lr/d*lr"] = float(optimizer.param_groups[0]["d"] * (optimizer.param_groups[0]["lr"] or 0.0))
         for group, values in group_losses.items():
             logs[f"loss/{group}"] = sum(values) / len(values)
         return logs

@@ -72,27 +72,23 @@ def _from_state_dict(path: Path, state: dict[str, torch.Tensor], kind: str, **ex
 
 
 def _open_safetensors(path: Path) -> Checkpoint:
-    from safetensors import safe_open
-
-    from library.safetensors_stream import DTYPES_BY_NAME
+    from library.safetensors_stream import SafetensorsReader
     from library.single_file import detect_checkpoint_kind
 
     try:
-        handle = safe_open(str(path), framework="pt")
-        shapes, dtypes = {}, {}
-        for key in handle.keys():
-            view = handle.get_slice(key)
-            shapes[key] = tuple(view.get_shape())
-            dtypes[key] = DTYPES_BY_NAME[view.get_dtype()]
-        metadata = dict(handle.metadata() or {})
-    except Exception as error:  # safetensors raises its own types for damaged files
+        reader = SafetensorsReader(path)
+    except (OSError, ValueError) as error:
         raise UserError(f"--sd_model: {path.name} is not a readable .safetensors file ({error})") from None
+    keys = reader.keys()
+    shapes = {key: reader.entries[key][1] for key in keys}
+    dtypes = {key: reader.entries[key][0] for key in keys}
     try:
-        kind = detect_checkpoint_kind(shapes)
+        kind = detect_checkpoint_kind(keys)
     except ValueError as error:
         raise UserError(f"--sd_model: {path.name}: {error}") from None
-    prediction = metadata.get("modelspec.prediction_type")
-    return Checkpoint(path, kind, shapes, dtypes, handle.get_tensor, metadata, prediction if prediction in ("epsilon", "v") else None)
+    prediction = reader.metadata.get("modelspec.prediction_type")
+    return Checkpoint(path, kind, shapes, dtypes, reader.get_tensor, reader.metadata,
+                      prediction if prediction in ("epsilon", "v") else None)
 
 
 def _open_ckpt(path: Path) -> Checkpoint:

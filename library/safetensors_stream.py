@@ -133,3 +133,65 @@ class StreamingSafetensorsWriter:
         if kind is None and not complete:
             missing = len(self.layout) - self._next
             raise ValueError(f"{missing} tensors were not written (first: {self.layout[self._next][0]}); nothing was saved")
+
+
+class SafetensorsReader:
+    """Read a ``.safetensors`` file's header, then single tensors with plain reads (no memory map).
+
+    ``safetensors.safe_open`` memory-maps the file; reading every tensor of a multi-GB checkpoint
+    through the map leaves the whole file resident in the process (file-backed pages count towards
+    its RSS until the kernel reclaims them). Reading each tensor into a fresh buffer keeps the
+    process at one tensor.
+
+    Args:
+        path: the file.
+
+    Raises:
+        ValueError: the file is not a well-formed safetensors file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) != 8:
+                raise ValueError("file too short for a safetensors header")
+            length = int.from_bytes(head, "little")
+            size = self.path.stat().st_size
+            if length > min(size - 8, 100 * 2**20):
+                raise ValueError("header length out of range")
+            try:
+                header = json.loads(handle.read(length))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"header is not JSON ({error})") from None
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self._data_start = 8 + length
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = DTYPES_BY_NAME[info["dtype"]]
+                shape = tuple(int(size) for size in info["shape"])
+                begin, end = (int(offset) for offset in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"bad header entry for {name!r}") from None
+            if end - begin != _nbytes(dtype, shape) or self._data_start + end > size:
+                raise ValueError(f"bad data offsets for {name!r}")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return sorted(self.entries, key=lambda name: self.entries[name][2])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor into a new CPU tensor."""
+        dtype, shape, begin, end = self.entries[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._data_start + begin)
+                view = tensor.reshape(-1).view(torch.uint8).numpy()
+                if handle.readinto(memoryview(view)) != end - begin:
+                    raise ValueError(f"{self.path.name}: truncated data for {name!r}")
+        return tensor

@@ -53,11 +53,13 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     except SystemExit as exit_:
         return int(exit_.code or 0)
     root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    # a caller that configured logging (the demo, a notebook, pytest) keeps its handlers and level
+    handler = None if root.handlers else logging.StreamHandler(sys.stderr)
     previous = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    if handler is not None:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
     try:
         from library.quiet import quiet_third_party_output
 
@@ -68,8 +70,9 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
+        if handler is not None:
+            root.removeHandler(handler)
+            root.setLevel(previous)
 
 
 def dtype_of(name: str | None) -> torch.dtype | None:

@@ -203,10 +203,11 @@ def svd_compress(
         up_matrix = up.reshape(up.shape[0], input_rank).to(device=device, dtype=compute)
         down_matrix = down.reshape(input_rank, -1).to(device=device, dtype=compute)
         u, singular, vh = _low_rank_svd(up_matrix, down_matrix)
+        values = singular.to(device="cpu", dtype=torch.float64)  # rank choice and report on the CPU, whatever --device
         is_kxk = len(shape) == 4 and shape[2:] != (1, 1)
-        rank = kept_rank(singular, conv_rank if is_kxk else new_rank, dynamic_method, dynamic_param)
-        total = float((singular.double() ** 2).sum())
-        tail = float((singular[rank:].double() ** 2).sum())
+        rank = kept_rank(values, conv_rank if is_kxk else new_rank, dynamic_method, dynamic_param)
+        total = float((values ** 2).sum())
+        tail = float((values[rank:] ** 2).sum())
         kept = 1.0 if total == 0 else 1.0 - tail / total
         report.append(Compression(name, input_rank, rank, kept, 0.0 if total == 0 else math.sqrt(tail / total)))
         root = singular[:rank].sqrt()

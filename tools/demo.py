@@ -60,7 +60,7 @@ def train(model: Path, name: str, prompts: str, out: Path, steps: int, extra: li
     # the child's output is relayed line by line, so it also shows in a notebook cell
     with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as child:
         for line in child.stdout:  # text mode splits tqdm's \r updates into lines: keep the finished bars only
-            if ("it/s]" in line or "s/it]" in line) and "100%" not in line:
+            if ("it/s" in line or "s/it" in line) and "100%" not in line:
                 continue
             print(line.rstrip("\r\n"), flush=True)
     if child.returncode:

@@ -37,8 +37,8 @@ def add_precision_arguments(parser: argparse.ArgumentParser, save_default_help: 
                         help="precision of the merge arithmetic (default float; float is recommended)")
 
 
-def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--save_to", required=True, help="output file (.safetensors or .ckpt); see each tool for folders")
+def add_lora_arguments(parser: argparse.ArgumentParser, save_to_help: str = "output LoRA file (.safetensors, .ckpt, .pt or .pth)") -> None:
+    parser.add_argument("--save_to", required=True, help=save_to_help)
     parser.add_argument("--models", nargs="*", help="LoRA files (.safetensors, or .ckpt/.pt with plain tensors)")
     parser.add_argument("--ratios", type=float, nargs="*",
                         help="one ratio per model: the strength each LoRA is applied at (default 1.0 each)")

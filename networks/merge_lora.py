@@ -43,7 +43,8 @@ def setup_parser(family: str = "sd") -> argparse.ArgumentParser:
     parser.add_argument("--sd_model", default=None,
                         help="checkpoint to merge into: .safetensors/.ckpt single file or diffusers folder; "
                              "omit it to combine the LoRAs into one LoRA")
-    merge_cli.add_lora_arguments(parser)
+    merge_cli.add_lora_arguments(parser, "output: a .safetensors/.ckpt checkpoint with --sd_model (a folder name writes a "
+                                         "diffusers folder when --sd_model is one), else the combined LoRA file")
     parser.add_argument("--concat", action="store_true",
                         help="combine LoRAs by stacking their ranks (exactly the weighted sum; the rank is the sum of the inputs')")
     return parser

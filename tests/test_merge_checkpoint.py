@@ -263,3 +263,45 @@ def test_bad_lora_files_are_named(world, tmp_path, capsys):
     for file, (_, message) in variants.items():
         _bad("sd1", ["--sd_model", str(sd1["file"]), "--save_to", str(out / "m.safetensors"), "--models", str(folder / file)],
              capsys, out, message)
+
+
+def test_streaming_writer_and_reader_round_trip_with_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from library.safetensors_stream import SafetensorsReader, StreamingSafetensorsWriter
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(3, 5, generator=generator),
+        "b": torch.randn(7, generator=generator).to(torch.bfloat16),
+        "c": torch.randn(2, 2, 3, 3, generator=generator).half(),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "transposed": torch.randn(4, 6, generator=generator).t(),
+    }
+    ours = tmp_path / "ours.safetensors"
+    with StreamingSafetensorsWriter(ours, [(k, v.dtype, v.shape) for k, v in tensors.items()], {"note": "x"}) as writer:
+        for key, value in tensors.items():
+            writer.write(key, value)
+    loaded = load_file(str(ours))  # the reference reader accepts our file
+    assert all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in tensors.items())
+    reference = tmp_path / "reference.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(reference), {"note": "x"})
+    for path in (ours, reference):  # our reader reads the reference writer's file too
+        reader = SafetensorsReader(path)
+        assert reader.metadata == {"note": "x"} and set(reader.keys()) == set(tensors)
+        assert all(torch.equal(reader.get_tensor(k), v) and reader.get_tensor(k).dtype == v.dtype for k, v in tensors.items())
+
+    partial = tmp_path / "partial.safetensors"
+    with pytest.raises(ValueError, match="were not written"):
+        with StreamingSafetensorsWriter(partial, [(k, v.dtype, v.shape) for k, v in tensors.items()]) as writer:
+            writer.write("a.weight", tensors["a.weight"])
+    with pytest.raises(ValueError, match="header says"):
+        with StreamingSafetensorsWriter(partial, [("a.weight", torch.float16, (3, 5))]) as writer:
+            writer.write("a.weight", tensors["a.weight"])
+    assert not any(p.name.startswith((".partial", "partial")) for p in tmp_path.iterdir())  # no file, no temp file
+    (tmp_path / "broken.safetensors").write_bytes(ours.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="offsets"):
+        SafetensorsReader(tmp_path / "broken.safetensors")

@@ -9,7 +9,7 @@
 4. Bake the erase LoRA into a copy of the model (``networks/merge_lora.py``, a diffusers folder) and
    show that the merged model, with no LoRA loaded, erases "red" as the LoRA did.
 
-    bash scripts/demo.sh                # or: python -m tools.demo [--steps N] [--out DIR]
+    bash scripts/demo.sh                # or: python -m tools.demo [--steps N] [--seeds N] [--runs erase_red] [--out DIR]
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[4/4] baking {BAKED} into the model and evaluating the merged model ...", flush=True)
         lora = args.out / f"{BAKED}.safetensors"
         merged = bake(model, lora, args.out)
-        plan = plan_from_prompt_text((ROOT / dict((run[0], run[1]) for run in RUNS)[BAKED]).read_text(encoding="utf-8"))
+        prompts = next(run[1] for run in RUNS if run[0] == BAKED)
+        plan = plan_from_prompt_text((ROOT / prompts).read_text(encoding="utf-8"))
         report, grid = evaluate_merged_model(model, lora, merged, plan, EvalOptions(seeds_per_prompt=args.seeds))
         (args.out / f"{BAKED}.merged.eval.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         grid.save(args.out / f"{BAKED}.merged.eval.png")

@@ -86,7 +86,7 @@ def test_real_size_sd15_merge_streams(tmp_path):
         original, result_tensor = before.get_tensor(key), after.get_tensor(key)
         assert result_tensor.dtype == original.dtype, key
         if key in changed:
-            expected = (original.float() + 0.8 * changed[key].delta().reshape(original.shape)).half()
+            expected = torch.add(original.float(), changed[key].delta().reshape(original.shape), alpha=0.8).half()
             assert torch.equal(result_tensor, expected), key
         else:
             assert torch.equal(result_tensor, original), key

@@ -198,8 +198,8 @@ def open_metrics(plan: EvalPlan, results: dict[float, dict[str, tuple[list, list
 # Sampling through diffusers
 
 
-def load_pipeline(model: str | Path, lora: str | Path):
-    """A diffusers pipeline for ``model`` with the LoRA loaded by ``load_lora_weights``."""
+def load_pipeline(model: str | Path, lora: str | Path | None):
+    """A diffusers pipeline for ``model`` with the LoRA loaded by ``load_lora_weights`` (None: no LoRA)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     index = json.loads((Path(model) / "model_index.json").read_text(encoding="utf-8"))
@@ -209,17 +209,19 @@ def load_pipeline(model: str | Path, lora: str | Path):
         if not (isinstance(index.get(name), list) and index[name][0]):
             extra[name] = None
     pipe = pipeline_class.from_pretrained(str(model), **extra)
-    pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def concept_samples(pipe, prompts: Sequence[str], seeds: Sequence[int], multiplier: float, steps: int,
+def concept_samples(pipe, prompts: Sequence[str], seeds: Sequence[int], multiplier: float | None, steps: int,
                     guidance_scale: float) -> torch.Tensor:
-    """Concept-world latents for every (prompt, seed) with the LoRA at ``multiplier``."""
+    """Concept-world latents for every (prompt, seed) with the LoRA at ``multiplier`` (None: a pipeline without LoRA)."""
     from library.concept_world.sampling import sample_latents
 
-    pipe.set_adapters([ADAPTER], [multiplier])
+    if multiplier is not None:
+        pipe.set_adapters([ADAPTER], [multiplier])
     flat_prompts = [prompt for prompt in prompts for _ in seeds]
     flat_seeds = [seed for _ in prompts for seed in seeds]
     return sample_latents(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, flat_prompts, flat_seeds,
@@ -306,6 +308,66 @@ def evaluate_images_only(model: str | Path, lora: str | Path, prompts: Sequence[
     return {"model": str(model), "lora": str(lora), "options": asdict(options), "metrics": None}, grid
 
 
+def evaluate_merged_model(model: str | Path, lora: str | Path, merged: str | Path, plan: EvalPlan, options: EvalOptions,
+                          ratio: float = 1.0):
+    """Compare a model with the LoRA baked in (``networks/merge_lora.py``) with the LoRA loaded at ``ratio``.
+
+    Samples the plan's prompts with the same seeds three ways: the base model (LoRA at 0), the base
+    model with the LoRA at ``ratio`` (``load_lora_weights``), and the merged model alone. Both
+    variants get the evaluator's metrics against the same base; ``same_classification`` is the
+    share of samples classified identically (every attribute) with the LoRA and with the merge.
+
+    Returns:
+        ``(report, grid)``; grid columns: base, LoRA x ratio, merged.
+    """
+    from library.concept_world import scenes
+    from library.concept_world.classifier import classify_latents
+    from library.concept_world.sampling import latents_to_rgb
+
+    with_lora, baked = load_pipeline(model, lora), load_pipeline(merged, None)
+    groups = prompt_sets(plan)
+    seeds = [options.base_seed + index for index in range(options.seeds_per_prompt)]
+    runs: dict[str, dict[str, tuple[list, list]]] = {"base": {}, "lora": {}, "merged": {}}
+    agree, total, largest = 0, 0, 0.0
+    first_group = next(iter(groups))
+    grid_prompts = groups[first_group][: options.grid_rows]
+    columns = {}
+    for name, prompts in groups.items():
+        expected = [scenes.parse_prompt(prompt) for prompt in prompts for _ in seeds]
+        latents = {
+            "base": concept_samples(with_lora, prompts, seeds, 0.0, options.steps, options.guidance_scale),
+            "lora": concept_samples(with_lora, prompts, seeds, ratio, options.steps, options.guidance_scale),
+            "merged": concept_samples(baked, prompts, seeds, None, options.steps, options.guidance_scale),
+        }
+        predicted = {key: classify_latents(value) for key, value in latents.items()}
+        for key in runs:
+            runs[key][name] = (predicted[key], expected)
+        agree += sum(a == b for a, b in zip(predicted["lora"], predicted["merged"]))
+        total += len(expected)
+        largest = max(largest, float((latents["lora"] - latents["merged"]).abs().max()))
+        if name == first_group:
+            columns = {key: latents_to_rgb(value[:: len(seeds)][: len(grid_prompts)]) for key, value in latents.items()}
+    if plan.mode == "erase":
+        unprompted = prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
+        open_latents = concept_samples(with_lora, unprompted, seeds, 0.0, options.steps, options.guidance_scale)
+        rate = _rate(classify_latents(open_latents), plan.attribute, plan.value)
+
+        def score(variant):
+            return erase_metrics(plan, {0.0: runs["base"], 1.0: runs[variant]}, rate)
+    else:
+        def score(variant):
+            return open_metrics(plan, {0.0: runs["base"], 1.0: runs[variant]})
+    images = [[columns[key][row] for key in ("base", "lora", "merged")] for row in range(len(grid_prompts))]
+    grid = make_grid(images, grid_prompts, ["base", f"LoRA x{ratio:g}", "merged"])
+    report = {
+        "model": str(model), "lora": str(lora), "merged": str(merged), "ratio": ratio, "plan": asdict(plan),
+        "options": asdict(options), "samples": total,
+        "lora_metrics": score("lora"), "merged_metrics": score("merged"),
+        "same_classification": round(agree / max(total, 1), 4), "max_latent_difference": largest,
+    }
+    return report, grid
+
+
 def is_concept_world(model: str | Path) -> bool:
     return (Path(model) / "concept_world.json").is_file()
 
@@ -327,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale (default 5)")
     parser.add_argument("--prompts", nargs="*", default=["a photo"], help="prompts for real models (grid only)")
+    parser.add_argument("--merged", help="concept world: a model folder with this LoRA merged in (networks/merge_lora.py); "
+                                         "compare it with the LoRA at --ratio instead of sampling --multipliers")
+    parser.add_argument("--ratio", type=float, default=1.0, help="the ratio the LoRA was merged at (with --merged; default 1)")
     parser.add_argument("--out", help="report path (default: next to the LoRA, NAME.eval.json)")
     parser.add_argument("--grid", help="grid PNG path (default: next to the LoRA, NAME.eval.png)")
     from library.cli import join_signed_lists
@@ -351,17 +416,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not text:
                     raise UserError(f"{lora.name} has no ss_leco_prompts metadata; pass --erase/--enhance/--slider")
                 plan = plan_from_prompt_text(text)
-            report, grid = evaluate_concept_lora(args.model, lora, plan, options)
+            if args.merged:
+                if not (Path(args.merged) / "model_index.json").is_file():
+                    raise UserError(f"--merged: {args.merged} is not a diffusers model folder")
+                report, grid = evaluate_merged_model(args.model, lora, args.merged, plan, options, args.ratio)
+            else:
+                report, grid = evaluate_concept_lora(args.model, lora, plan, options)
+        elif args.merged:
+            raise UserError("--merged compares metrics, which only the concept world has")
         else:
             report, grid = evaluate_images_only(args.model, lora, args.prompts, options)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else lora.with_suffix(".eval.json")
-    grid_path = Path(args.grid) if args.grid else lora.with_suffix(".eval.png")
+    suffix = ".merged.eval" if args.merged else ".eval"
+    out = Path(args.out) if args.out else lora.with_suffix(suffix + ".json")
+    grid_path = Path(args.grid) if args.grid else lora.with_suffix(suffix + ".png")
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     grid.save(grid_path)
     report["grid"] = str(grid_path)
-    print(json.dumps(report["metrics"], indent=2))
+    shown = report["metrics"] if "metrics" in report else {key: report[key] for key in ("lora_metrics", "merged_metrics",
+                                                                                       "same_classification")}
+    print(json.dumps(shown, indent=2))
     print(f"report: {out}\ngrid: {grid_path}")
     return 0

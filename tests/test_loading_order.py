@@ -153,3 +153,14 @@ def test_the_watch_sees_a_float32_unet(tiny_sd_dir, tmp_path):
     with Float32Watch(shapes) as watch:
         load_single_file_unet(path, tiny_sd_dir, torch.float32).to(torch.bfloat16)
     assert watch.bytes >= float32_bytes
+
+
+def test_memory_profile_reports_loading_and_the_first_step_apart(tiny_sdxl_dir, capsys):
+    """tools/memory_profile.py (the numbers in docs/performance.md) runs and reports both phases."""
+    from tools import memory_profile
+
+    report = memory_profile.main(["--model", str(tiny_sdxl_dir), "--family", "sdxl", "--mixed_precision", "bf16"])
+    assert set(report["peaks_gib"]) == {"load", "first step"}
+    for phase in report["peaks_gib"].values():
+        assert {"RssAnon", "RssFile", "VmRSS"} <= set(phase) and phase["VmRSS"] >= phase["RssAnon"] > 0
+    assert "first step: RssAnon" in capsys.readouterr().out

@@ -13,6 +13,8 @@ runs one step (64 px, ``--max_denoising_steps 2``) in this process. It reports, 
   a Colab runtime out of memory.
 - **RssFile**: file-backed pages, here the memory-mapped checkpoint. They are clean: the kernel drops
   them under pressure and reads them again if needed.
+- On CUDA also **CUDA allocated**: ``torch.cuda.max_memory_allocated`` of each phase
+  (``--resolution 1024 --gradient_checkpointing`` for SDXL's real training size).
 
 With ``--load_only DTYPE`` the components are loaded in DTYPE in the trainer's order (text encoders one
 after the other, then the U-Net) without training; that is how fp16 loading is measured on a CPU,
@@ -40,9 +42,15 @@ FIELDS = ("RssAnon", "RssFile", "VmRSS")
 
 
 def read_status() -> dict[str, float]:
-    """This process's anonymous, file-backed and total resident memory, in GiB."""
+    """This process's anonymous, file-backed and total resident memory, in GiB (and on CUDA, the peak
+    of allocated device memory since the phase began)."""
+    import torch
+
     text = Path("/proc/self/status").read_text()
-    return {field: int(re.search(rf"^{field}:\s+(\d+)", text, re.M)[1]) / 2**20 for field in FIELDS}
+    values = {field: int(re.search(rf"^{field}:\s+(\d+)", text, re.M)[1]) / 2**20 for field in FIELDS}
+    if torch.cuda.is_available():
+        values["cuda_max_allocated"] = torch.cuda.max_memory_allocated() / 2**30
+    return values
 
 
 class MemorySampler:
@@ -56,9 +64,9 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _record(self) -> None:
-        peaks = self.peaks.setdefault(self.phase, dict.fromkeys(FIELDS, 0.0))
+        peaks = self.peaks.setdefault(self.phase, {})
         for field, value in read_status().items():
-            peaks[field] = max(peaks[field], value)
+            peaks[field] = max(peaks.get(field, 0.0), value)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -66,8 +74,12 @@ class MemorySampler:
             time.sleep(self.interval)
 
     def enter(self, phase: str) -> None:
+        import torch
+
         self._record()
         self.phase = phase
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         self._record()
 
     def __enter__(self):
@@ -121,7 +133,7 @@ def profile_training(args, model: Path, tokenizers: Path | None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="memory_profile-"))
     prompts = work / "prompts.toml"
-    prompts.write_text('[[prompts]]\ntarget = "van gogh"\naction = "erase"\nresolution = 64\n', encoding="utf-8")
+    prompts.write_text(f'[[prompts]]\ntarget = "van gogh"\naction = "erase"\nresolution = {args.resolution}\n', encoding="utf-8")
     argv = ["--pretrained_model_name_or_path", str(model), "--prompts_file", str(prompts), "--output_dir", str(work / "out"),
             "--max_train_steps", "1", "--max_denoising_steps", "2", "--mixed_precision", args.mixed_precision, "--seed", "0",
             "--console_log_level", "WARNING"]
@@ -172,6 +184,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16",
                         help="bf16/fp16 also pass --full_bf16/--full_fp16 (default bf16)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--resolution", type=int, default=64, help="training resolution in pixels (default 64; 1024 for SDXL on a GPU)")
     parser.add_argument("--load_only", choices=["fp32", "fp16", "bf16"], help="only load, in this dtype")
     parser.add_argument("--json", type=Path, help="also append the result as a JSON line to this file")
     args = parser.parse_args(argv)
@@ -187,8 +200,9 @@ def main(argv=None) -> dict:
               "seconds": round(time.perf_counter() - start, 1),
               "peaks_gib": {phase: {field: round(value, 2) for field, value in values.items()} for phase, values in peaks.items()}}
     for phase, values in report["peaks_gib"].items():
+        cuda = f"   CUDA allocated {values['cuda_max_allocated']:6.2f} GiB" if "cuda_max_allocated" in values else ""
         print(f"{phase:>11}: RssAnon {values['RssAnon']:6.2f} GiB   RssFile {values['RssFile']:6.2f} GiB   "
-              f"RSS {values['VmRSS']:6.2f} GiB")
+              f"RSS {values['VmRSS']:6.2f} GiB{cuda}")
     print(json.dumps(report))
     if args.json:
         with open(args.json, "a", encoding="utf-8") as handle:

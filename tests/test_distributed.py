@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_two_process_ddp_run_writes_once_and_ranks_agree(tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("trajectory", ["fresh", "persistent"])
+def test_two_process_ddp_run_writes_once_and_ranks_agree(tiny_sd_dir, tmp_path, trajectory):
     out = tmp_path / "out"
-    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "slider"), out, steps=3) + ["--save_every_n_steps", "2"]
+    argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "slider"), out, steps=3) + ["--save_every_n_steps", "2",
+                                                                                      "--leco_trajectory", trajectory]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "train_leco.py"), *argv]
@@ -30,3 +32,4 @@ def test_two_process_ddp_run_writes_once_and_ranks_agree(tiny_sd_dir, tmp_path):
     assert sorted(path.name for path in out.iterdir()) == ["leco-step00000002.safetensors", "leco.safetensors"]
     assert lora_changed(out / "leco.safetensors")
     assert read_lora_metadata(out / "leco.safetensors")["ss_steps"] == "3"
+    assert read_lora_metadata(out / "leco.safetensors")["ss_leco_trajectory"] == trajectory

@@ -209,13 +209,13 @@ def test_a_step_costs_one_cfg_call_whatever_n_is(tiny_sd_dir):
 
 def test_positions_cover_one_to_n_minus_one_uniformly_over_each_cycle(tiny_sd_dir):
     steps = 6
-    for batch in (1, 3, 5):
+    for batch in (1, 3):
         setting = dataclasses.replace(SETTING, batch_size=batch)
         step = make_persistent(tiny_sd_dir, LecoConfig(max_denoising_steps=steps, denoise_guidance_scale=1.0),
                                settings=(setting,), seed=batch)
         generator = torch.Generator().manual_seed(batch)
         trained = []
-        for _ in range(3 * (steps - 1)):
+        for _ in range(2 * (steps - 1)):
             step(setting, generator)
             trained.append(step.last_positions)
         for positions in trained:
@@ -305,9 +305,9 @@ def test_frozen_chains_sample_with_the_lora_off(tiny_sd_dir):
 
 def test_dynamic_resolution_keeps_one_chain_set_per_bucket(tiny_sd_dir):
     setting = dataclasses.replace(SETTING, resolution=(192, 192), dynamic_resolution=True, batch_size=2)
-    step = make_persistent(tiny_sd_dir, LecoConfig(max_denoising_steps=5), settings=(setting,))
+    step = make_persistent(tiny_sd_dir, LecoConfig(max_denoising_steps=4, denoise_guidance_scale=1.0), settings=(setting,))
     generator = torch.Generator().manual_seed(1)
-    for _ in range(12):
+    for _ in range(8):
         before = {key: chains.positions.clone() for key, chains in step.chains.items()}
         step(setting, generator)
         changed = [key for key, chains in step.chains.items() if key not in before or not torch.equal(before[key], chains.positions)]

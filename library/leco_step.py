@@ -131,7 +131,8 @@ class LecoStep:
     def frozen_predictions(self, setting: PromptSetting, latents: torch.Tensor, timesteps: torch.Tensor,
                            time_ids) -> dict[str, torch.Tensor]:
         """Frozen-model predictions for positive/neutral/unconditional, each distinct prompt once, one call."""
-        prompts = list(dict.fromkeys([setting.positive, setting.neutral, setting.unconditional]))
+        needed = [setting.neutral] if setting.action == "preserve" else [setting.positive, setting.neutral, setting.unconditional]
+        prompts = list(dict.fromkeys(needed))
         batch = latents.shape[0]
         cond = self.conditioning([prompt for prompt in prompts for _ in range(batch)], time_ids)
         with self.network.multiplier_context(0.0):
@@ -156,8 +157,11 @@ class LecoStep:
         """The LECO loss for a given x_t: frozen target, then the LoRA's prediction (with grad)."""
         timesteps = torch.full((latents.shape[0],), timestep, device=self.device, dtype=torch.long)
         frozen = self.frozen_predictions(setting, latents, timesteps, time_ids)
-        target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.unconditional],
-                              setting.guidance_scale, setting.action)
+        if setting.action == "preserve":  # an anchor: the frozen model's own prediction for the prompt
+            target = frozen[setting.neutral]
+        else:
+            target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.unconditional],
+                                  setting.guidance_scale, setting.action)
         cond = self.conditioning([setting.target] * latents.shape[0], time_ids)
         self.network.set_multiplier(setting.multiplier)
         prediction = self.predict(latents, timesteps, cond)

@@ -624,6 +624,27 @@ BAD_FILES = {
     "negative_not_a_string": ('[[targets]]\ntarget_class = "c"\nnegative = false\n', "[[targets]][1]", ["negative"]),
     "unconditional_not_a_string": (P + "unconditional = false\n", "[[prompts]][1]", ["unconditional"]),
     "error_in_third_entry": (P + P + P + "batch_size = 0\n", "[[prompts]][3]", ["batch_size"]),
+    # contexts and preserve anchors (issue 12)
+    "context_without_slot": (P + 'contexts = ["{}", "a large square"]\n', "[[prompts]][1]",
+                             ["contexts", "'a large square'", "no '{}'"]),
+    "context_with_two_slots": (P + 'contexts = ["{} and {}"]\n', "[[prompts]][1]", ["contexts", "'{} and {}'", "2 '{}'"]),
+    "context_top_level_without_slot": ('contexts = ["in a forest"]\n' + P, "top level", ["contexts", "'in a forest'"]),
+    "contexts_empty_list": (P + "contexts = []\n", "[[prompts]][1]", ["contexts", "non-empty"]),
+    "contexts_not_a_list": (P + 'contexts = "{} in a forest"\n', "[[prompts]][1]", ["contexts", "array"]),
+    "contexts_list_of_ints": (P + "contexts = [1]\n", "[[prompts]][1]", ["contexts", "1"]),
+    "context_file_line_without_slot": (P + 'context_prompt_file = "n.txt"\n', "[[prompts]][1]",
+                                       ["context_prompt_file", "n.txt line 1", "'n'", "no '{}'"]),
+    "context_file_missing": (P + 'context_prompt_file = "missing.txt"\n', "[[prompts]][1]",
+                             ["context_prompt_file", "missing.txt"]),
+    "context_file_only_comments": ('context_prompt_file = "comments.txt"\n' + P, "top level",
+                                   ["context_prompt_file", "comments.txt", "no contexts"]),
+    "context_file_not_a_string": (P + "context_prompt_file = 3\n", "[[prompts]][1]", ["context_prompt_file"]),
+    "contexts_in_targets": (T + 'contexts = ["{}"]\n', "[[targets]][1]", ["unknown key 'contexts'"]),
+    "top_level_contexts_targets_only": ('contexts = ["a {}"]\n' + T, "top level", ["'contexts'", "[[prompts]] only"]),
+    "preserve_with_positive": (P + 'action = "preserve"\npositive = "p"\n', "[[prompts]][1]", ["positive", "preserve"]),
+    "preserve_with_guidance_scale": (P + 'action = "preserve"\nguidance_scale = 2.0\n', "[[prompts]][1]",
+                                     ["guidance_scale", "preserve"]),
+    "action_preserve_typo": (P + 'action = "preserv"\n', "[[prompts]][1]", ["action", "did you mean 'preserve'?"]),
 }
 
 

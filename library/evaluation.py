@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,12 +36,20 @@ class EvalPlan:
         attribute: the attribute it acts on (``"color"``, ``"size"``, ``"shape"``).
         value: the erased/enhanced value, or the slider's positive pole (None for a negative-only slider).
         negative: the slider's negative pole (None otherwise, or for a positive-only slider).
+        also_erased: further values of the same attribute that one erase LoRA erases (a
+            two-concept erase such as red and blue); ``value`` is the first.
     """
 
     mode: str
     attribute: str
     value: str | None
     negative: str | None = None
+    also_erased: tuple[str, ...] = ()
+
+    @property
+    def erased(self) -> tuple[str, ...]:
+        """Every erased value (empty unless ``mode`` is erase)."""
+        return (self.value, *self.also_erased) if self.mode == "erase" and self.value else ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,20 +64,38 @@ def _concept_words(text: str) -> dict[str, str]:
     return {lookup[word]: word for word in cleaned.split() if word in lookup}
 
 
+def _prompt_concept(setting) -> tuple[str, str]:
+    """The (attribute, value) a ``[[prompts]]`` setting acts on: its positive's concept words minus
+    those of its context (the words its unconditional shares)."""
+    words = _concept_words(setting.positive) or _concept_words(setting.target)
+    context = _concept_words(setting.unconditional)
+    words = {attribute: value for attribute, value in words.items() if context.get(attribute) != value}
+    if len(words) != 1:
+        raise UserError(f"cannot tell which concept the LoRA {setting.action}s from {setting.positive!r}; pass --{setting.action} WORD")
+    (attribute, value), = words.items()
+    return attribute, value
+
+
 def plan_from_prompt_text(toml_text: str) -> EvalPlan:
-    """Infer the plan from the prompt TOML stored in the LoRA's metadata (``ss_leco_prompts``)."""
+    """Infer the plan from the prompt TOML stored in the LoRA's metadata (``ss_leco_prompts``).
+
+    ``preserve`` entries (anchors) are not what the LoRA does and are skipped; every erase entry
+    counts, so a file erasing red and blue gives one plan with both values.
+    """
     from library.prompts import parse_prompt_text
 
-    settings = parse_prompt_text(toml_text, Path("."), "ss_leco_prompts")
+    settings = [setting for setting in parse_prompt_text(toml_text, Path("."), "ss_leco_prompts") if setting.action != "preserve"]
+    if not settings:
+        raise UserError("the prompt file only preserves (no erase, enhance or slider entry); nothing to evaluate")
     first = settings[0]
     if not first.source.startswith("[[targets]]"):
-        words = _concept_words(first.positive) or _concept_words(first.target)
-        context = _concept_words(first.unconditional)
-        words = {attribute: value for attribute, value in words.items() if context.get(attribute) != value}
-        if len(words) != 1:
-            raise UserError(f"cannot tell which concept the LoRA {first.action}s from {first.positive!r}; pass --{first.action} WORD")
-        (attribute, value), = words.items()
-        return EvalPlan(first.action, attribute, value)
+        same = [setting for setting in settings if setting.action == first.action and not setting.source.startswith("[[targets]]")]
+        concepts = [_prompt_concept(setting) for setting in (same if first.action == "erase" else [first])]
+        attributes = sorted({attribute for attribute, _ in concepts})
+        if len(attributes) != 1:
+            raise UserError(f"the LoRA {first.action}s values of several attributes ({', '.join(attributes)}); pass --{first.action} WORD")
+        values = list(dict.fromkeys(value for _, value in concepts))
+        return EvalPlan(first.action, attributes[0], values[0], also_erased=tuple(values[1:]))
     plus = next(setting for setting in settings if setting.multiplier > 0)
     if plus.action == "enhance":
         positive, negative = _concept_words(plus.positive), _concept_words(plus.unconditional)
@@ -87,7 +112,8 @@ def plan_from_prompt_text(toml_text: str) -> EvalPlan:
 
 
 def plan_from_flags(erase: str | None, enhance: str | None, slider: str | None) -> EvalPlan | None:
-    """The plan given on the command line (``--erase red``, ``--enhance large``, ``--slider large,small``)."""
+    """The plan given on the command line (``--erase red`` or ``--erase red,blue``, ``--enhance large``,
+    ``--slider large,small``)."""
     chosen = [(mode, text) for mode, text in (("erase", erase), ("enhance", enhance), ("slider", slider)) if text]
     if not chosen:
         return None
@@ -103,25 +129,44 @@ def plan_from_flags(erase: str | None, enhance: str | None, slider: str | None) 
         if len(words) != 2:
             raise UserError(f"--slider {text}: give two values, positive,negative (e.g. large,small)")
         return EvalPlan("slider", attribute, words[0], words[1])
-    return EvalPlan(mode, attribute, words[0])
+    if mode == "enhance" and len(words) > 1:
+        raise UserError(f"--enhance {text}: give one value (e.g. small)")
+    return EvalPlan(mode, attribute, words[0], also_erased=tuple(dict.fromkeys(words[1:])))
+
+
+BARE_SEED_FACTOR = 6
+"""A bare prompt (``"red"``) is sampled with this many times the seeds of one in-context prompt, so
+it gets as many samples as the 6 full prompts that name the value."""
 
 
 def prompt_sets(plan: EvalPlan) -> dict[str, list[str]]:
     """The prompts to sample, grouped by role.
 
-    erase: ``target`` (full prompts naming the erased value) and ``others`` (full prompts that do
-    not; collateral damage shows there). enhance/slider: ``open`` prompts that name every
+    erase: for each erased value, ``target`` (in context: the full prompts naming it, e.g.
+    ``"a large red square"``) and ``bare`` (the value alone, ``"red"``), with ``/VALUE`` appended
+    to the names for the second and later values; then ``others`` (full prompts naming no erased
+    value; collateral damage shows there). enhance/slider: ``open`` prompts that name every
     attribute except the one acted on, so the model is free to choose it.
     """
     from library.concept_world import scenes
 
     if plan.mode == "erase":
         full = scenes.full_prompts()
-        target = [prompt for prompt in full if scenes.parse_prompt(prompt)[plan.attribute] == plan.value]
-        others = [prompt for prompt in full if prompt not in target]
-        return {"target": target, "others": others}
+        groups: dict[str, list[str]] = {}
+        for index, value in enumerate(plan.erased):
+            suffix = f"/{value}" if index else ""
+            groups[f"target{suffix}"] = [prompt for prompt in full if scenes.parse_prompt(prompt)[plan.attribute] == value]
+            groups[f"bare{suffix}"] = [value]
+        groups["others"] = [prompt for prompt in full if scenes.parse_prompt(prompt)[plan.attribute] not in plan.erased]
+        return groups
     combos = {tuple(sorted((k, v) for k, v in combo.items() if k != plan.attribute)) for combo in scenes.all_attribute_combinations()}
     return {"open": sorted(scenes.make_prompt(dict(combo)) for combo in combos)}
+
+
+def group_seeds(name: str, seeds_per_prompt: int, base_seed: int = 0) -> list[int]:
+    """The noise seeds of every prompt in group ``name`` (bare groups get ``BARE_SEED_FACTOR`` times more)."""
+    count = seeds_per_prompt * (BARE_SEED_FACTOR if name.startswith("bare") else 1)
+    return [base_seed + index for index in range(count)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,31 +182,80 @@ def _accuracy(predicted: Sequence[dict], expected: Sequence[dict], skip: str | N
     return sum(a == b for a, b in pairs) / max(len(pairs), 1)
 
 
+def _efficacy(base_rate: float, rate: float) -> float | None:
+    """``1 - rate / base_rate``: the share of the concept that is gone (None when the base never draws it)."""
+    return round(1 - rate / base_rate, 4) if base_rate else None
+
+
+def _kept_rates(plan: EvalPlan, predicted: Sequence[dict], expected: Sequence[dict]) -> dict[str, float]:
+    """For each value of the attribute that is not erased: how often it is drawn when asked for."""
+    from library.concept_world import scenes
+
+    kept = {}
+    for value in scenes.attribute_values(plan.attribute):
+        if value in plan.erased:
+            continue
+        asked = [p for p, e in zip(predicted, expected) if e.get(plan.attribute) == value]
+        if asked:
+            kept[value] = round(_rate(asked, plan.attribute, value), 4)
+    return kept
+
+
 def erase_metrics(plan: EvalPlan, results: dict[float, dict[str, tuple[list, list]]], unprompted_rate: float | None = None) -> dict:
-    """Target rate and preservation per multiplier, and efficacy ``1 - rate(1) / rate(0)``.
+    """Rates and preservation per multiplier; efficacy ``1 - rate(1) / rate(0)`` in context and bare.
+
+    ``target_rate`` (in context) and ``bare_rate`` are the erased value's rates for the full prompts
+    naming it and for the value alone; ``erase_efficacy`` (in context) and ``bare_efficacy`` are
+    their efficacies. ``kept_rates`` / ``kept_ratio``: how often every other value of the attribute
+    is drawn when asked for, and its ratio to multiplier 0 (collateral damage to the closest
+    concepts). With several erased values, ``values`` / ``efficacy`` hold each one's numbers.
 
     LECO's erase maps the concept onto what the frozen model draws when the concept is not asked
-    for, so the erased value can only fall to its ``unprompted_rate`` (how often the model draws it
-    unasked: about 1/4 for one of four colours). ``erased_to_chance`` measures against that floor:
-    1.0 means "red" no longer makes red any likelier than not asking for a colour.
+    for, so the erased value falls to about its ``unprompted_rate`` (how often the model draws it
+    unasked: about 1/4 for one of four colours) unless the target pushes past it.
+    ``erased_to_chance`` measures against that floor: 1.0 means "red" no longer makes red any
+    likelier than not asking for a colour.
     """
     per = {}
     for multiplier, groups in results.items():
         target_pred, target_exp = groups["target"]
         other_pred, other_exp = groups["others"]
-        per[multiplier] = {
+        row = {
             "target_rate": round(_rate(target_pred, plan.attribute, plan.value), 4),
             "preserved_other_attributes": round(_accuracy(target_pred, target_exp, skip=plan.attribute), 4),
             "preserved_other_prompts": round(_accuracy(other_pred, other_exp), 4),
         }
+        if "bare" in groups:
+            row["bare_rate"] = round(_rate(groups["bare"][0], plan.attribute, plan.value), 4)
+        row["kept_rates"] = _kept_rates(plan, other_pred, other_exp)
+        if plan.also_erased:
+            row["values"] = {}
+            for index, value in enumerate(plan.erased):
+                suffix = f"/{value}" if index else ""
+                row["values"][value] = {"target_rate": round(_rate(groups[f"target{suffix}"][0], plan.attribute, value), 4)}
+                if f"bare{suffix}" in groups:
+                    row["values"][value]["bare_rate"] = round(_rate(groups[f"bare{suffix}"][0], plan.attribute, value), 4)
+        per[multiplier] = row
     base, on = per.get(0.0), per.get(1.0)
-    summary = {}
+    summary: dict = {}
     if base and on:
         summary = {
-            "erase_efficacy": round(1 - on["target_rate"] / base["target_rate"], 4) if base["target_rate"] else None,
+            "erase_efficacy": _efficacy(base["target_rate"], on["target_rate"]),
             "preservation_other_attributes": round(on["preserved_other_attributes"] / max(base["preserved_other_attributes"], 1e-9), 4),
             "preservation_other_prompts": round(on["preserved_other_prompts"] / max(base["preserved_other_prompts"], 1e-9), 4),
         }
+        if "bare_rate" in on:
+            summary["bare_efficacy"] = _efficacy(base["bare_rate"], on["bare_rate"])
+        kept = {value: round(rate / base["kept_rates"][value], 4) for value, rate in on["kept_rates"].items()
+                if base["kept_rates"].get(value)}
+        summary["kept_ratio"] = kept
+        summary["min_kept_ratio"] = min(kept.values()) if kept else None
+        if plan.also_erased:
+            summary["efficacy"] = {
+                value: {"in_context": _efficacy(base["values"][value]["target_rate"], on["values"][value]["target_rate"]),
+                        "bare": _efficacy(base["values"][value].get("bare_rate", 0), on["values"][value].get("bare_rate", 0))}
+                for value in plan.erased
+            }
         if unprompted_rate is not None:
             summary["unprompted_rate"] = round(unprompted_rate, 4)
             headroom = base["target_rate"] - unprompted_rate
@@ -214,18 +308,6 @@ def load_pipeline(model: str | Path, lora: str | Path):
     return pipe
 
 
-def concept_samples(pipe, prompts: Sequence[str], seeds: Sequence[int], multiplier: float, steps: int,
-                    guidance_scale: float) -> torch.Tensor:
-    """Concept-world latents for every (prompt, seed) with the LoRA at ``multiplier``."""
-    from library.concept_world.sampling import sample_latents
-
-    pipe.set_adapters([ADAPTER], [multiplier])
-    flat_prompts = [prompt for prompt in prompts for _ in seeds]
-    flat_seeds = [seed for _ in prompts for seed in seeds]
-    return sample_latents(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, flat_prompts, flat_seeds,
-                          guidance_scale=guidance_scale, steps=steps)
-
-
 def image_samples(pipe, prompts: Sequence[str], seed: int, multiplier: float, steps: int, guidance_scale: float,
                   size: int | None) -> list[np.ndarray]:
     """Decoded images (through the model's VAE) for a real model, one per prompt."""
@@ -251,44 +333,94 @@ class EvalOptions:
     base_seed: int = 0
 
 
-def evaluate_concept_lora(model: str | Path, lora: str | Path, plan: EvalPlan, options: EvalOptions):
-    """Sample, classify and score; returns ``(report, grid image)``."""
+@dataclass
+class ConceptSamples:
+    """Classified samples of a plan's prompt sets at some multipliers.
+
+    Attributes:
+        results: ``{multiplier: {group: (predicted, expected)}}`` (see :func:`prompt_sets`).
+        columns: ``{multiplier: (rows, H, W, 3) uint8}``: the first seed of the first group's first
+            ``grid_rows`` prompts, for the grid.
+        unprompted_rate: erase plans sampled at multiplier 0: how often the base model draws the
+            erased value for prompts that leave its attribute open.
+    """
+
+    results: dict[float, dict[str, tuple[list, list]]]
+    columns: dict[float, np.ndarray]
+    unprompted_rate: float | None = None
+
+    def merged(self, other: ConceptSamples) -> ConceptSamples:
+        """These samples and ``other``'s (e.g. a LoRA's multipliers next to a shared base at 0)."""
+        unprompted = self.unprompted_rate if self.unprompted_rate is not None else other.unprompted_rate
+        return ConceptSamples({**self.results, **other.results}, {**self.columns, **other.columns}, unprompted)
+
+
+def sample_concept_plan(pipe, plan: EvalPlan, options: EvalOptions, multipliers: Sequence[float]) -> ConceptSamples:
+    """Sample and classify every prompt set of ``plan`` at each multiplier, one batched call per multiplier.
+
+    The same (prompt, seed) gives the same sample whatever else is in the batch, so splitting or
+    merging these calls does not change the results.
+    """
     from library.concept_world import scenes
     from library.concept_world.classifier import classify_latents
-    from library.concept_world.sampling import latents_to_rgb
+    from library.concept_world.sampling import latents_to_rgb, sample_latents
 
+    groups = prompt_sets(plan)
+    first_group = next(iter(groups))
+    grid_count = min(options.grid_rows, len(groups[first_group]))
+    samples = ConceptSamples({}, {})
+    for multiplier in multipliers:
+        named = dict(groups)
+        if plan.mode == "erase" and multiplier == 0.0:
+            named["unprompted"] = prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
+        flat_prompts: list[str] = []
+        flat_seeds: list[int] = []
+        spans: dict[str, tuple[int, int, int]] = {}
+        for name, prompts in named.items():
+            seeds = group_seeds(name, options.seeds_per_prompt, options.base_seed)
+            start = len(flat_prompts)
+            flat_prompts += [prompt for prompt in prompts for _ in seeds]
+            flat_seeds += [seed for _ in prompts for seed in seeds]
+            spans[name] = (start, len(flat_prompts), len(seeds))
+        pipe.set_adapters([ADAPTER], [multiplier])
+        latents = sample_latents(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, flat_prompts, flat_seeds,
+                                 guidance_scale=options.guidance_scale, steps=options.steps)
+        predicted = classify_latents(latents)
+        samples.results[multiplier] = {}
+        for name, (start, end, seed_count) in spans.items():
+            group = (predicted[start:end], [scenes.parse_prompt(prompt) for prompt in flat_prompts[start:end]])
+            if name == "unprompted":
+                samples.unprompted_rate = _rate(group[0], plan.attribute, plan.value)
+                continue
+            samples.results[multiplier][name] = group
+            if name == first_group:
+                samples.columns[multiplier] = latents_to_rgb(latents[start:end:seed_count][:grid_count])
+    return samples
+
+
+def plan_metrics(plan: EvalPlan, samples: ConceptSamples) -> dict:
+    """The plan's metrics (:func:`erase_metrics` or :func:`open_metrics`) of classified samples."""
+    if plan.mode == "erase":
+        return erase_metrics(plan, samples.results, samples.unprompted_rate)
+    return open_metrics(plan, samples.results)
+
+
+def evaluate_concept_lora(model: str | Path, lora: str | Path, plan: EvalPlan, options: EvalOptions):
+    """Sample, classify and score; returns ``(report, grid image)``."""
     pipe = load_pipeline(model, lora)
     groups = prompt_sets(plan)
-    seeds = [options.base_seed + index for index in range(options.seeds_per_prompt)]
-    first_group = next(iter(groups))
-    grid_prompts = groups[first_group][: options.grid_rows]
-    results: dict[float, dict[str, tuple[list, list]]] = {}
-    columns: dict[float, np.ndarray] = {}
-    for multiplier in options.multipliers:
-        results[multiplier] = {}
-        for name, prompts in groups.items():
-            latents = concept_samples(pipe, prompts, seeds, multiplier, options.steps, options.guidance_scale)
-            predicted = classify_latents(latents)
-            expected = [scenes.parse_prompt(prompt) for prompt in prompts for _ in seeds]
-            results[multiplier][name] = (predicted, expected)
-            if name == first_group:
-                first_seed = latents[:: len(seeds)][: len(grid_prompts)]
-                columns[multiplier] = latents_to_rgb(first_seed)
-    if plan.mode == "erase":
-        unprompted = prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
-        latents = concept_samples(pipe, unprompted, seeds, 0.0, options.steps, options.guidance_scale)
-        metrics = erase_metrics(plan, results, _rate(classify_latents(latents), plan.attribute, plan.value))
-    else:
-        metrics = open_metrics(plan, results)
-    images = [[columns[m][row] for m in options.multipliers] for row in range(len(grid_prompts))]
+    samples = sample_concept_plan(pipe, plan, options, options.multipliers)
+    grid_prompts = next(iter(groups.values()))[: options.grid_rows]
+    images = [[samples.columns[m][row] for m in options.multipliers] for row in range(len(grid_prompts))]
     grid = make_grid(images, grid_prompts, [f"x{m:g}" for m in options.multipliers])
     report = {
         "model": str(model),
         "lora": str(lora),
         "plan": asdict(plan),
         "options": asdict(options),
-        "samples_per_multiplier": sum(len(prompts) for prompts in groups.values()) * len(seeds),
-        "metrics": metrics,
+        "samples_per_multiplier": sum(len(prompts) * len(group_seeds(name, options.seeds_per_prompt))
+                                      for name, prompts in groups.items()),
+        "metrics": plan_metrics(plan, samples),
     }
     return report, grid
 
@@ -308,60 +440,3 @@ def evaluate_images_only(model: str | Path, lora: str | Path, prompts: Sequence[
 
 def is_concept_world(model: str | Path) -> bool:
     return (Path(model) / "concept_world.json").is_file()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: evaluate one LoRA; prints the JSON report, writes it and the grid."""
-    import argparse
-
-    from networks.lora_files import read_lora_metadata
-
-    parser = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="diffusers model folder (the concept world or a real model)")
-    parser.add_argument("--lora", required=True, help="LoRA .safetensors to evaluate")
-    parser.add_argument("--multipliers", default="-1,0,1", help="LoRA weights to sample at (default -1,0,1)")
-    parser.add_argument("--erase", help="concept-world value the LoRA erases (default: read from its metadata)")
-    parser.add_argument("--enhance", help="concept-world value the LoRA enhances")
-    parser.add_argument("--slider", help="slider poles positive,negative (e.g. large,small)")
-    parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt (default 8)")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    parser.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale (default 5)")
-    parser.add_argument("--prompts", nargs="*", default=["a photo"], help="prompts for real models (grid only)")
-    parser.add_argument("--out", help="report path (default: next to the LoRA, NAME.eval.json)")
-    parser.add_argument("--grid", help="grid PNG path (default: next to the LoRA, NAME.eval.png)")
-    from library.cli import join_signed_lists
-
-    args = parser.parse_args(join_signed_lists(list(sys.argv[1:] if argv is None else argv), ("--multipliers",)))
-    from library.quiet import quiet_third_party_output
-
-    quiet_third_party_output()
-    try:
-        multipliers = tuple(float(item) for item in args.multipliers.replace("=", "").split(","))
-        lora = Path(args.lora)
-        if not lora.is_file():
-            raise UserError(f"--lora: not found: {lora}")
-        if not (Path(args.model) / "model_index.json").is_file():
-            raise UserError(f"--model: {args.model} is not a diffusers model folder")
-        options = EvalOptions(multipliers=multipliers, seeds_per_prompt=args.seeds, steps=args.steps,
-                              guidance_scale=args.guidance_scale)
-        if is_concept_world(args.model):
-            plan = plan_from_flags(args.erase, args.enhance, args.slider)
-            if plan is None:
-                text = read_lora_metadata(lora).get("ss_leco_prompts")
-                if not text:
-                    raise UserError(f"{lora.name} has no ss_leco_prompts metadata; pass --erase/--enhance/--slider")
-                plan = plan_from_prompt_text(text)
-            report, grid = evaluate_concept_lora(args.model, lora, plan, options)
-        else:
-            report, grid = evaluate_images_only(args.model, lora, args.prompts, options)
-    except (UserError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else lora.with_suffix(".eval.json")
-    grid_path = Path(args.grid) if args.grid else lora.with_suffix(".eval.png")
-    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    grid.save(grid_path)
-    report["grid"] = str(grid_path)
-    print(json.dumps(report["metrics"], indent=2))
-    print(f"report: {out}\ngrid: {grid_path}")
-    return 0

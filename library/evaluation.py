@@ -359,7 +359,8 @@ def sample_concept_plan(pipe, plan: EvalPlan, options: EvalOptions, multipliers:
     """Sample and classify every prompt set of ``plan`` at each multiplier, one batched call per multiplier.
 
     The same (prompt, seed) gives the same sample whatever else is in the batch, so splitting or
-    merging these calls does not change the results.
+    merging these calls does not change the results. Bare-prompt groups are sampled at
+    non-negative multipliers only.
     """
     from library.concept_world import scenes
     from library.concept_world.classifier import classify_latents
@@ -370,7 +371,8 @@ def sample_concept_plan(pipe, plan: EvalPlan, options: EvalOptions, multipliers:
     grid_count = min(options.grid_rows, len(groups[first_group]))
     samples = ConceptSamples({}, {})
     for multiplier in multipliers:
-        named = dict(groups)
+        # bare rates count at 0 and 1 (efficacy); a negative weight only shows in the grid
+        named = {name: prompts for name, prompts in groups.items() if multiplier >= 0 or not name.startswith("bare")}
         if plan.mode == "erase" and multiplier == 0.0:
             named["unprompted"] = prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
         flat_prompts: list[str] = []

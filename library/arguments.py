@@ -10,23 +10,48 @@ from library.errors import UserError
 from library.optimizers import LR_SCHEDULERS
 
 # sd-scripts flags LECO deliberately does not take, and what to use instead.
+NO_IMAGES = "LECO uses no images: describe concepts in --prompts_file (resolution and batch_size live there)"
 REJECTED_FLAGS = {
     "max_train_epochs": "LECO trains by steps: use --max_train_steps",
     "save_every_n_epochs": "LECO saves by steps: use --save_every_n_steps",
     "save_last_n_epochs": "LECO saves by steps: use --save_last_n_steps",
+    "save_last_n_epochs_state": "LECO saves by steps: use --save_last_n_steps_state",
+    "save_n_epoch_ratio": "LECO saves by steps: use --save_every_n_steps",
+    "sample_every_n_epochs": "LECO samples by steps: use --sample_every_n_steps",
     "train_batch_size": "the batch size comes from batch_size in the prompt TOML",
-    "dataset_config": "LECO uses no images: describe concepts in --prompts_file",
-    "train_data_dir": "LECO uses no images: describe concepts in --prompts_file",
+    "resolution": "the resolution comes from resolution in the prompt TOML",
+    "dataset_config": NO_IMAGES,
+    "train_data_dir": NO_IMAGES,
+    "reg_data_dir": NO_IMAGES,
+    "in_json": NO_IMAGES,
+    "enable_bucket": NO_IMAGES + " (dynamic_resolution = true trains several aspect ratios)",
+    "caption_extension": NO_IMAGES,
+    "shuffle_caption": NO_IMAGES,
+    "keep_tokens": NO_IMAGES,
+    "flip_aug": NO_IMAGES,
+    "color_aug": NO_IMAGES,
+    "random_crop": NO_IMAGES + " (dynamic_crops = true varies SDXL's crop conditioning)",
     "network_train_text_encoder_only": "LECO trains the U-Net only",
     "text_encoder_lr": "LECO trains the U-Net only (use --unet_lr or --learning_rate)",
-    "cache_latents": "LECO uses no images, so there are no latents to cache",
-    "cache_latents_to_disk": "LECO uses no images, so there are no latents to cache",
-    "mem_eff_attn": "use --sdpa (the default) or --xformers",
     "deepspeed": "DeepSpeed is not supported; LECO trains a small LoRA, use plain DDP via accelerate",
     "fp8_base": "fp8 base weights are not supported; use --mixed_precision bf16",
-    "lowram": "not needed: weights are memory-mapped while loading; remove the flag",
-    "highvram": "not needed: LECO keeps no latents or images in memory; remove the flag",
-    "vae_batch_size": "LECO never encodes images, so there is no VAE batch",
+}
+
+# sd-scripts flags whose intent LECO always meets: accepted (so pasted commands run), changing
+# nothing, with one info line saying why.
+IMPLIED_FLAGS = {
+    "cache_text_encoder_outputs": "every prompt is encoded once before training and the text encoders are released",
+    "cache_text_encoder_outputs_to_disk": "every prompt is encoded once before training and the text encoders are released "
+                                          "(prompts are few, the cache stays in memory)",
+    "cache_latents": "there are no images, so no latents to encode",
+    "cache_latents_to_disk": "there are no images, so no latents to encode",
+    "vae_batch_size": "the VAE never encodes images",
+    "no_half_vae": "the VAE is never used in training; sample images are decoded in float32",
+    "persistent_data_loader_workers": "there is no data loader (prompt embeddings are cached)",
+    "max_data_loader_n_workers": "there is no data loader (prompt embeddings are cached)",
+    "mem_eff_attn": "PyTorch scaled-dot-product attention (the default) is memory-efficient attention",
+    "lowram": "models are always loaded one component at a time, straight into their training dtype",
+    "highvram": "the U-Net and the cached embeddings stay on the GPU; there are no latents to keep",
 }
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -99,7 +124,7 @@ def setup_parser(family: str = "sd") -> argparse.ArgumentParser:
                         "Flags given on the command line win.")
     config.add_argument("--output_config", action="store_true",
                         help="write the effective flags to --config_file and exit without training")
-    for flag in REJECTED_FLAGS:
+    for flag in (*REJECTED_FLAGS, *IMPLIED_FLAGS):
         parser.add_argument(f"--{flag}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -155,7 +180,9 @@ def _add_network_args(group) -> None:
     group.add_argument("--network_alpha", type=_positive_float, default=1.0, help="LoRA alpha; scale = alpha/dim (default 1)")
     group.add_argument("--network_dropout", type=float, default=None, help="dropout on the LoRA down-projection output")
     group.add_argument("--network_args", nargs="*", metavar="KEY=VALUE",
-                       help="extra network options, e.g. conv_dim=4 conv_alpha=1 train_method=xattn")
+                       help="extra network options, e.g. conv_dim=4 conv_alpha=1 train_method=xattn; per block: block_dims, "
+                            "block_alphas, conv_block_dims, conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold; "
+                            "LoRA+: loraplus_lr_ratio (docs/train_leco.md)")
     group.add_argument("--network_weights", metavar="FILE", help="start from these LoRA weights")
     group.add_argument("--dim_from_weights", action="store_true", help="take dim/alpha/modules from --network_weights")
     group.add_argument("--scale_weight_norms", type=_positive_float, default=None,
@@ -192,6 +219,10 @@ def _add_training_args(group) -> None:
     group.add_argument("--gradient_checkpointing", action="store_true", help="recompute U-Net activations to save memory")
     group.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     group.add_argument("--xformers", action="store_true", help="xformers memory-efficient attention (CUDA only)")
+    group.add_argument("--allow_tf32", action="store_true",
+                       help="let float32 matmuls and convolutions use TF32 on Ampere or newer GPUs (faster, ~10-bit mantissa)")
+    group.add_argument("--ddp_timeout", type=positive_int, default=None,
+                       help="minutes a process waits for the others in a multi-GPU run before giving up (default 30)")
 
 
 def _add_saving_args(group) -> None:
@@ -203,10 +234,14 @@ def _add_saving_args(group) -> None:
     group.add_argument("--save_every_n_steps", type=positive_int, default=None, help="also save NAME-stepNNNNNNNN every N steps")
     group.add_argument("--save_last_n_steps", type=positive_int, default=None,
                        help="keep only intermediate files from the last N steps")
+    group.add_argument("--save_last_n_steps_state", type=positive_int, default=None,
+                       help="keep only state folders from the last N steps (default: --save_last_n_steps)")
     group.add_argument("--save_state", action="store_true", help="with every save, also write the training state for --resume")
     group.add_argument("--save_state_on_train_end", action="store_true", help="write the training state at the end only")
     group.add_argument("--resume", metavar="STATE_DIR", help="continue from a state folder written by --save_state")
-    group.add_argument("--no_metadata", action="store_true", help="write no ss_*/modelspec metadata")
+    group.add_argument("--no_metadata", action="store_true",
+                       help="write only what clients need to classify the file (model family, network module/dim/alpha/args): "
+                            "no prompts, paths or training details")
     group.add_argument("--training_comment", help="free text stored as ss_training_comment")
     group.add_argument("--metadata_title", help="modelspec.title (default: output name)")
     group.add_argument("--metadata_author", help="modelspec.author")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from library.arguments import REJECTED_FLAGS, setup_parser
+from library.arguments import IMPLIED_FLAGS, REJECTED_FLAGS, setup_parser
 from library.config import (
     LecoConfig,
     LogConfig,
@@ -38,8 +38,8 @@ from library.sample_prompts import load_sample_prompts
 from library.state import check_state_folder
 
 __all__ = [
-    "REJECTED_FLAGS", "build_run_config", "check_flags", "effective_args", "parse_namespace", "read_config_file",
-    "setup_parser", "write_config_file",
+    "REJECTED_FLAGS", "build_run_config", "check_flags", "effective_args", "implied_flag_notes", "parse_namespace",
+    "read_config_file", "setup_parser", "write_config_file",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -76,8 +76,14 @@ def join_signed_lists(argv: list[str], flags: Sequence[str] = ("--sample_multipl
 
 def effective_args(namespace: argparse.Namespace) -> dict[str, Any]:
     """The flags that define the run (no config-file plumbing), for metadata and --output_config."""
-    skip = {"config_file", "output_config", *REJECTED_FLAGS}
+    skip = {"config_file", "output_config", *REJECTED_FLAGS, *IMPLIED_FLAGS}
     return {key: value for key, value in vars(namespace).items() if key not in skip}
+
+
+def implied_flag_notes(namespace: argparse.Namespace) -> list[str]:
+    """One info line per given sd-scripts flag whose intent LECO always meets (it changes nothing)."""
+    return [f"--{flag}: always the case in LECO ({reason}); the flag changes nothing"
+            for flag, reason in IMPLIED_FLAGS.items() if getattr(namespace, flag, None) is not None]
 
 
 def _reject_unsupported(args: argparse.Namespace, family: str) -> None:
@@ -111,14 +117,26 @@ def _check_existing(flag: str, path: str | None) -> None:
         raise UserError(f"--{flag}: not found: {path}")
 
 
-def _check_network_args(module: str, items: list[str] | None) -> None:
-    """networks.lora's options are checked here, before any model is loaded."""
+def _check_network_args(module: str, items: list[str] | None, family: str | None = None) -> None:
+    """networks.lora's options are checked here, before any model is loaded (block counts by family)."""
     if module != "networks.lora":
         return
     from networks.lora import validate_network_args
 
     try:
-        validate_network_args(parse_key_values(items, "--network_args"))
+        validate_network_args(parse_key_values(items, "--network_args"), family)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_group_learning_rates(module: str, items: list[str] | None, optimizer_type: str, family: str) -> None:
+    """Per-block lr weights and LoRA+ need an optimizer that accepts a learning rate per parameter group."""
+    if module != "networks.lora":
+        return
+    from networks.lora_blocks import check_optimizer_accepts_groups
+
+    try:
+        check_optimizer_accepts_groups(parse_key_values(items, "--network_args"), optimizer_type, family)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -241,13 +259,14 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
             if not (Path(args.model_config_dir).expanduser() / needed).is_file():
                 raise UserError(f"--model_config_dir: {args.model_config_dir} has no {needed} (give a diffusers-layout config folder)")
     _check_network_module(args.network_module)
-    _check_network_args(args.network_module, args.network_args)
+    _check_network_args(args.network_module, args.network_args, family)
     if args.network_weights:
         _check_network_weights(args.network_weights, args.network_module)
     if args.resume:
         check_state_folder(args.resume)
     attention = _check_attention(args)
     optimizer_type = _optimizer_type(args)
+    _check_group_learning_rates(args.network_module, args.network_args, optimizer_type, family)
     prompts = load_prompt_file(args.prompts_file)
     sample_prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else ()
 
@@ -307,6 +326,8 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
         full_fp16=args.full_fp16,
         gradient_checkpointing=args.gradient_checkpointing,
         attention=attention,
+        allow_tf32=args.allow_tf32,
+        ddp_timeout_minutes=args.ddp_timeout,
     )
     output = OutputConfig(
         output_dir=args.output_dir,
@@ -315,6 +336,7 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
         save_precision=args.save_precision or "float",
         save_every_n_steps=args.save_every_n_steps,
         save_last_n_steps=args.save_last_n_steps,
+        save_last_n_steps_state=args.save_last_n_steps_state or args.save_last_n_steps,
         save_state=args.save_state,
         save_state_on_train_end=args.save_state_on_train_end,
         resume=args.resume,

@@ -96,6 +96,8 @@ class TrainConfig:
     full_fp16: bool = False
     gradient_checkpointing: bool = False
     attention: str = "sdpa"  # "sdpa" or "xformers"
+    allow_tf32: bool = False
+    ddp_timeout_minutes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class OutputConfig:
     save_precision: str = "float"
     save_every_n_steps: int | None = None
     save_last_n_steps: int | None = None
+    save_last_n_steps_state: int | None = None
     save_state: bool = False
     save_state_on_train_end: bool = False
     resume: str | None = None

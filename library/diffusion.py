@@ -21,11 +21,28 @@ _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedul
 PredictFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 
 
+def fitting_steps_offset(scheduler_config: dict, num_inference_steps: int | None) -> int | None:
+    """The model's ``steps_offset``, lowered where "leading" spacing would push the first of
+    ``num_inference_steps`` timesteps past the last training timestep.
+
+    Leading spacing puts step i at ``i * (T // N) + steps_offset``; with SD's ``steps_offset = 1`` and
+    N = T = 1000 the first timestep would be 1000, outside the schedule. For every N that fits
+    the offset is returned unchanged.
+    """
+    offset = scheduler_config.get("steps_offset")
+    if not offset or not num_inference_steps:
+        return offset
+    total = int(scheduler_config.get("num_train_timesteps", 1000))
+    room = total - 1 - (num_inference_steps - 1) * (total // num_inference_steps)
+    return max(0, min(int(offset), room))
+
+
 def build_noise_scheduler(
     scheduler_config: dict,
     prediction_type: str,
     zero_terminal_snr: bool = False,
     sampler: str = "ddpm",
+    num_inference_steps: int | None = None,
 ) -> DDPMScheduler | DDIMScheduler:
     """A DDPM (ancestral) or DDIM (eta 0) scheduler on the model's own noise schedule.
 
@@ -36,8 +53,12 @@ def build_noise_scheduler(
         zero_terminal_snr: rescale betas so the last timestep is pure noise; uses "trailing"
             spacing so sampling starts at that timestep.
         sampler: ``"ddpm"`` or ``"ddim"``.
+        num_inference_steps: the N the scheduler will be set to; where "leading" spacing with the
+            model's ``steps_offset`` would not fit N steps (N = 1000), the offset is lowered.
     """
     schedule = {key: scheduler_config[key] for key in _SCHEDULE_KEYS if scheduler_config.get(key) is not None}
+    if "steps_offset" in schedule and not zero_terminal_snr:
+        schedule["steps_offset"] = fitting_steps_offset(scheduler_config, num_inference_steps)
     common = dict(
         schedule,
         prediction_type=prediction_type,

@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None, family: str) -> int:
     0 success (or --help / --output_config), 2 a user error (one line on stderr), 3 the loss became
     NaN/inf, 130 interrupted (the LoRA was saved first). Callable repeatedly from Python/Colab.
     """
-    from library.cli import build_run_config, check_flags, effective_args, parse_namespace, write_config_file
+    from library.cli import build_run_config, check_flags, effective_args, implied_flag_notes, parse_namespace, write_config_file
 
     quiet_import_warnings()  # checks import optional packages (lycoris, bitsandbytes) that warn on import
     try:
@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None, family: str) -> int:
     root.addHandler(handler)
     root.setLevel(config.log.console_log_level)
     try:
+        for note in implied_flag_notes(args):
+            logger.info(note)
         quiet_third_party_output()
         from library.training import NonFiniteLoss, TrainingInterrupted, train
 

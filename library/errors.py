@@ -8,3 +8,7 @@ class UserError(ValueError):
 
     The message names what is wrong (flag, file, entry, key) and what to do about it.
     """
+
+
+class NonFiniteLoss(Exception):
+    """The loss or a gradient became NaN/inf; the last good checkpoint is kept, nothing newer is written."""

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from library.errors import UserError
+from library.evaluation_metrics import _rate, erase_metrics, open_metrics
 from library.sampling import make_grid
 
 logger = logging.getLogger(__name__)
@@ -170,130 +171,11 @@ def group_seeds(name: str, seeds_per_prompt: int, base_seed: int = 0) -> list[in
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics (pure)
-
-
-def _rate(predicted: Sequence[dict], attribute: str, value: str) -> float:
-    return sum(item[attribute] == value for item in predicted) / max(len(predicted), 1)
-
-
-def _accuracy(predicted: Sequence[dict], expected: Sequence[dict], skip: str | None = None) -> float:
-    pairs = [(p[k], e[k]) for p, e in zip(predicted, expected) for k in e if k != skip]
-    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
-
-
-def _efficacy(base_rate: float, rate: float) -> float | None:
-    """``1 - rate / base_rate``: the share of the concept that is gone (None when the base never draws it)."""
-    return round(1 - rate / base_rate, 4) if base_rate else None
-
-
-def _kept_rates(plan: EvalPlan, predicted: Sequence[dict], expected: Sequence[dict]) -> dict[str, float]:
-    """For each value of the attribute that is not erased: how often it is drawn when asked for."""
-    from library.concept_world import scenes
-
-    kept = {}
-    for value in scenes.attribute_values(plan.attribute):
-        if value in plan.erased:
-            continue
-        asked = [p for p, e in zip(predicted, expected) if e.get(plan.attribute) == value]
-        if asked:
-            kept[value] = round(_rate(asked, plan.attribute, value), 4)
-    return kept
-
-
-def erase_metrics(plan: EvalPlan, results: dict[float, dict[str, tuple[list, list]]], unprompted_rate: float | None = None) -> dict:
-    """Rates and preservation per multiplier; efficacy ``1 - rate(1) / rate(0)`` in context and bare.
-
-    ``target_rate`` (in context) and ``bare_rate`` are the erased value's rates for the full prompts
-    naming it and for the value alone; ``erase_efficacy`` (in context) and ``bare_efficacy`` are
-    their efficacies. ``kept_rates`` / ``kept_ratio``: how often every other value of the attribute
-    is drawn when asked for, and its ratio to multiplier 0 (collateral damage to the closest
-    concepts). With several erased values, ``values`` / ``efficacy`` hold each one's numbers.
-
-    LECO's erase maps the concept onto what the frozen model draws when the concept is not asked
-    for, so the erased value falls to about its ``unprompted_rate`` (how often the model draws it
-    unasked: about 1/4 for one of four colours) unless the target pushes past it.
-    ``erased_to_chance`` measures against that floor: 1.0 means "red" no longer makes red any
-    likelier than not asking for a colour.
-    """
-    per = {}
-    for multiplier, groups in results.items():
-        target_pred, target_exp = groups["target"]
-        other_pred, other_exp = groups["others"]
-        row = {
-            "target_rate": round(_rate(target_pred, plan.attribute, plan.value), 4),
-            "preserved_other_attributes": round(_accuracy(target_pred, target_exp, skip=plan.attribute), 4),
-            "preserved_other_prompts": round(_accuracy(other_pred, other_exp), 4),
-        }
-        if "bare" in groups:
-            row["bare_rate"] = round(_rate(groups["bare"][0], plan.attribute, plan.value), 4)
-        row["kept_rates"] = _kept_rates(plan, other_pred, other_exp)
-        if plan.also_erased:
-            row["values"] = {}
-            for index, value in enumerate(plan.erased):
-                suffix = f"/{value}" if index else ""
-                row["values"][value] = {"target_rate": round(_rate(groups[f"target{suffix}"][0], plan.attribute, value), 4)}
-                if f"bare{suffix}" in groups:
-                    row["values"][value]["bare_rate"] = round(_rate(groups[f"bare{suffix}"][0], plan.attribute, value), 4)
-        per[multiplier] = row
-    base, on = per.get(0.0), per.get(1.0)
-    summary: dict = {}
-    if base and on:
-        summary = {
-            "erase_efficacy": _efficacy(base["target_rate"], on["target_rate"]),
-            "preservation_other_attributes": round(on["preserved_other_attributes"] / max(base["preserved_other_attributes"], 1e-9), 4),
-            "preservation_other_prompts": round(on["preserved_other_prompts"] / max(base["preserved_other_prompts"], 1e-9), 4),
-        }
-        if "bare_rate" in on:
-            summary["bare_efficacy"] = _efficacy(base["bare_rate"], on["bare_rate"])
-        kept = {value: round(rate / base["kept_rates"][value], 4) for value, rate in on["kept_rates"].items()
-                if base["kept_rates"].get(value)}
-        summary["kept_ratio"] = kept
-        summary["min_kept_ratio"] = min(kept.values()) if kept else None
-        if plan.also_erased:
-            summary["efficacy"] = {
-                value: {"in_context": _efficacy(base["values"][value]["target_rate"], on["values"][value]["target_rate"]),
-                        "bare": _efficacy(base["values"][value].get("bare_rate", 0), on["values"][value].get("bare_rate", 0))}
-                for value in plan.erased
-            }
-        if unprompted_rate is not None:
-            summary["unprompted_rate"] = round(unprompted_rate, 4)
-            headroom = base["target_rate"] - unprompted_rate
-            if headroom > 0:
-                summary["erased_to_chance"] = round((base["target_rate"] - on["target_rate"]) / headroom, 4)
-    return {"per_multiplier": per, **summary}
-
-
-def open_metrics(plan: EvalPlan, results: dict[float, dict[str, tuple[list, list]]]) -> dict:
-    """Enhance strength (``rate(1) - rate(0)``) or slider rates and monotonicity across multipliers."""
-    per = {}
-    for multiplier, groups in results.items():
-        predicted, expected = groups["open"]
-        row = {"preserved_other_attributes": round(_accuracy(predicted, expected), 4)}
-        if plan.value:
-            row["rate"] = round(_rate(predicted, plan.attribute, plan.value), 4)
-        if plan.negative:
-            row["negative_rate"] = round(_rate(predicted, plan.attribute, plan.negative), 4)
-        per[multiplier] = row
-    ordered = [per[m] for m in sorted(per)]
-    summary: dict = {}
-    if plan.mode == "enhance" and 0.0 in per and 1.0 in per:
-        summary["enhance_strength"] = round(per[1.0]["rate"] - per[0.0]["rate"], 4)
-    if plan.mode == "slider":
-        rising = all(a.get("rate", 0) <= b.get("rate", 0) for a, b in zip(ordered, ordered[1:]))
-        falling = all(a.get("negative_rate", 0) >= b.get("negative_rate", 0) for a, b in zip(ordered, ordered[1:]))
-        summary["monotonic"] = rising and falling
-        key = "rate" if plan.value else "negative_rate"
-        summary["span"] = round(abs(ordered[-1][key] - ordered[0][key]), 4)
-    return {"per_multiplier": per, **summary}
-
-
-# ----------------------------------------------------------------------------------------------
 # Sampling through diffusers
 
 
-def load_pipeline(model: str | Path, lora: str | Path):
-    """A diffusers pipeline for ``model`` with the LoRA loaded by ``load_lora_weights``."""
+def load_pipeline(model: str | Path, lora: str | Path | None):
+    """A diffusers pipeline for ``model`` with the LoRA loaded by ``load_lora_weights`` (None: no LoRA)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     index = json.loads((Path(model) / "model_index.json").read_text(encoding="utf-8"))
@@ -303,9 +185,23 @@ def load_pipeline(model: str | Path, lora: str | Path):
         if not (isinstance(index.get(name), list) and index[name][0]):
             extra[name] = None
     pipe = pipeline_class.from_pretrained(str(model), **extra)
-    pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def concept_samples(pipe, prompts: Sequence[str], seeds: Sequence[int], multiplier: float | None, steps: int,
+                    guidance_scale: float) -> torch.Tensor:
+    """Concept-world latents for every (prompt, seed) with the LoRA at ``multiplier`` (None: a pipeline without LoRA)."""
+    from library.concept_world.sampling import sample_latents
+
+    if multiplier is not None:
+        pipe.set_adapters([ADAPTER], [multiplier])
+    flat_prompts = [prompt for prompt in prompts for _ in seeds]
+    flat_seeds = [seed for _ in prompts for seed in seeds]
+    return sample_latents(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, flat_prompts, flat_seeds,
+                          guidance_scale=guidance_scale, steps=steps)
 
 
 def image_samples(pipe, prompts: Sequence[str], seed: int, multiplier: float, steps: int, guidance_scale: float,
@@ -440,5 +336,72 @@ def evaluate_images_only(model: str | Path, lora: str | Path, prompts: Sequence[
     return {"model": str(model), "lora": str(lora), "options": asdict(options), "metrics": None}, grid
 
 
+def evaluate_merged_model(model: str | Path, lora: str | Path, merged: str | Path, plan: EvalPlan, options: EvalOptions,
+                          ratio: float = 1.0):
+    """Compare a model with the LoRA baked in (``networks/merge_lora.py``) with the LoRA loaded at ``ratio``.
+
+    Samples the plan's prompts with the same seeds three ways: the base model (LoRA at 0), the base
+    model with the LoRA at ``ratio`` (``load_lora_weights``), and the merged model alone. Both
+    variants get the evaluator's metrics against the same base; ``same_classification`` is the
+    share of samples classified identically (every attribute) with the LoRA and with the merge.
+
+    Returns:
+        ``(report, grid)``; grid columns: base, LoRA x ratio, merged.
+    """
+    from library.concept_world import scenes
+    from library.concept_world.classifier import classify_latents
+    from library.concept_world.sampling import latents_to_rgb
+
+    with_lora, baked = load_pipeline(model, lora), load_pipeline(merged, None)
+    groups = prompt_sets(plan)
+    seeds = [options.base_seed + index for index in range(options.seeds_per_prompt)]
+    runs: dict[str, dict[str, tuple[list, list]]] = {"base": {}, "lora": {}, "merged": {}}
+    agree, total, largest = 0, 0, 0.0
+    first_group = next(iter(groups))
+    grid_prompts = groups[first_group][: options.grid_rows]
+    columns = {}
+    for name, prompts in groups.items():
+        expected = [scenes.parse_prompt(prompt) for prompt in prompts for _ in seeds]
+        latents = {
+            "base": concept_samples(with_lora, prompts, seeds, 0.0, options.steps, options.guidance_scale),
+            "lora": concept_samples(with_lora, prompts, seeds, ratio, options.steps, options.guidance_scale),
+            "merged": concept_samples(baked, prompts, seeds, None, options.steps, options.guidance_scale),
+        }
+        predicted = {key: classify_latents(value) for key, value in latents.items()}
+        for key in runs:
+            runs[key][name] = (predicted[key], expected)
+        agree += sum(a == b for a, b in zip(predicted["lora"], predicted["merged"]))
+        total += len(expected)
+        largest = max(largest, float((latents["lora"] - latents["merged"]).abs().max()))
+        if name == first_group:
+            columns = {key: latents_to_rgb(value[:: len(seeds)][: len(grid_prompts)]) for key, value in latents.items()}
+    if plan.mode == "erase":
+        unprompted = prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
+        open_latents = concept_samples(with_lora, unprompted, seeds, 0.0, options.steps, options.guidance_scale)
+        rate = _rate(classify_latents(open_latents), plan.attribute, plan.value)
+
+        def score(variant):
+            return erase_metrics(plan, {0.0: runs["base"], 1.0: runs[variant]}, rate)
+    else:
+        def score(variant):
+            return open_metrics(plan, {0.0: runs["base"], 1.0: runs[variant]})
+    images = [[columns[key][row] for key in ("base", "lora", "merged")] for row in range(len(grid_prompts))]
+    grid = make_grid(images, grid_prompts, ["base", f"LoRA x{ratio:g}", "merged"])
+    report = {
+        "model": str(model), "lora": str(lora), "merged": str(merged), "ratio": ratio, "plan": asdict(plan),
+        "options": asdict(options), "samples": total,
+        "lora_metrics": score("lora"), "merged_metrics": score("merged"),
+        "same_classification": round(agree / max(total, 1), 4), "max_latent_difference": largest,
+    }
+    return report, grid
+
+
 def is_concept_world(model: str | Path) -> bool:
     return (Path(model) / "concept_world.json").is_file()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (``python -m tools.evaluate``), kept here for callers; see ``library.evaluation_cli``."""
+    from library.evaluation_cli import main as cli_main
+
+    return cli_main(argv)

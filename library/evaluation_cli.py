@@ -17,6 +17,7 @@ from library.evaluation import (
     EvalPlan,
     evaluate_concept_lora,
     evaluate_images_only,
+    evaluate_merged_model,
     is_concept_world,
     plan_from_flags,
     plan_from_prompt_text,
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale (default 5)")
     parser.add_argument("--prompts", nargs="*", default=["a photo"], help="prompts for real models (grid only)")
+    parser.add_argument("--merged", help="concept world: a model folder with this LoRA merged in (networks/merge_lora.py); "
+                                         "compare it with the LoRA at --ratio instead of sampling --multipliers")
+    parser.add_argument("--ratio", type=float, default=1.0, help="the ratio the LoRA was merged at (with --merged; default 1)")
     parser.add_argument("--out", help="report path (default: next to the LoRA, NAME.eval.json)")
     parser.add_argument("--grid", help="grid PNG path (default: next to the LoRA, NAME.eval.png; NAME.curve-grid.png for a folder)")
     parser.add_argument("--plot", help="with a folder: plot PNG path (default: NAME.curve.png in the folder)")
@@ -73,21 +77,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = EvalOptions(multipliers=multipliers, seeds_per_prompt=args.seeds, steps=args.steps,
                               guidance_scale=args.guidance_scale)
         if lora.is_dir():
+            if args.merged:
+                raise UserError("--merged compares one LoRA file with its merge; give --lora FILE")
             from library.evaluation_curve import run_curve
 
             return run_curve(args, options)
         if is_concept_world(args.model):
-            report, grid = evaluate_concept_lora(args.model, lora, plan_for(args, lora), options)
+            plan = plan_for(args, lora)
+            if args.merged:
+                if not (Path(args.merged) / "model_index.json").is_file():
+                    raise UserError(f"--merged: {args.merged} is not a diffusers model folder")
+                report, grid = evaluate_merged_model(args.model, lora, args.merged, plan, options, args.ratio)
+            else:
+                report, grid = evaluate_concept_lora(args.model, lora, plan, options)
+        elif args.merged:
+            raise UserError("--merged compares metrics, which only the concept world has")
         else:
             report, grid = evaluate_images_only(args.model, lora, args.prompts, options)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else lora.with_suffix(".eval.json")
-    grid_path = Path(args.grid) if args.grid else lora.with_suffix(".eval.png")
+    suffix = ".merged.eval" if args.merged else ".eval"
+    out = Path(args.out) if args.out else lora.with_suffix(suffix + ".json")
+    grid_path = Path(args.grid) if args.grid else lora.with_suffix(suffix + ".png")
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     grid.save(grid_path)
     report["grid"] = str(grid_path)
-    print(json.dumps(report["metrics"], indent=2))
+    shown = report["metrics"] if "metrics" in report else {key: report[key] for key in ("lora_metrics", "merged_metrics",
+                                                                                       "same_classification")}
+    print(json.dumps(shown, indent=2))
     print(f"report: {out}\ngrid: {grid_path}")
     return 0

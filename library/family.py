@@ -6,13 +6,14 @@ make the per-sample size conditioning (None for SD).
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 
 import torch
 
 from library.models import LoadedModel
-from library.text_encoding import PromptCache, encode_sd, encode_sdxl, sdxl_time_ids
+from library.text_encoding import PromptCache, encode_sd, encode_sdxl_part, sdxl_time_ids
 
 logger = logging.getLogger(__name__)
 
@@ -30,22 +31,34 @@ class ModelFamily:
         self.max_token_length = max_token_length
         self.clip_skip = clip_skip
 
-    def encode(self, model: LoadedModel, prompts: Sequence[str], device: torch.device) -> PromptCache:
-        """Encode each distinct prompt once (batched) into a new cache, on ``device``."""
-        cache = PromptCache()
+    def encode(self, model: LoadedModel, prompts: Sequence[str], device: torch.device,
+               dtype: torch.dtype = torch.float32) -> PromptCache:
+        """Encode each distinct prompt once (batched) into a new cache, on ``device``.
+
+        The text encoders visit ``device`` one at a time: each is loaded in ``dtype``, moved, used
+        for every prompt, and released before the next is loaded (and long before the U-Net), so
+        neither RAM nor VRAM ever holds two of them.
+        """
         unique = list(dict.fromkeys(prompts))
-        for encoder in model.text_encoders:
-            encoder.to(device).eval().requires_grad_(False)
-        for start in range(0, len(unique), ENCODE_BATCH):
-            chunk = unique[start:start + ENCODE_BATCH]
-            cache.add(chunk, *self._encode_chunk(model, chunk))
-        for encoder in model.text_encoders:
-            encoder.to("cpu")
+        parts: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = []
+        for index in range(len(model.text_encoder_loaders)):
+            encoder = model.load_text_encoder(index, dtype).to(device)
+            parts.append([self._encode_chunk(index, encoder, model.tokenizers[index], unique[start:start + ENCODE_BATCH])
+                          for start in range(0, len(unique), ENCODE_BATCH)])
+            del encoder
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        cache = PromptCache()
+        for chunk_index, start in enumerate(range(0, len(unique), ENCODE_BATCH)):
+            outputs = [encoder_parts[chunk_index] for encoder_parts in parts]
+            hidden = torch.cat([hidden for hidden, _ in outputs], dim=-1)
+            pooled = next((pooled for _, pooled in outputs if pooled is not None), None)
+            cache.add(unique[start:start + ENCODE_BATCH], hidden, pooled)
         return cache
 
-    def _encode_chunk(self, model: LoadedModel, prompts: list[str]):
-        hidden = encode_sd(model.text_encoders[0], model.tokenizers[0], prompts, self.max_token_length, self.clip_skip)
-        return (hidden,)
+    def _encode_chunk(self, index: int, encoder, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return encode_sd(encoder, tokenizer, prompts, self.max_token_length, self.clip_skip), None
 
     def time_ids(self, height: int, width: int, generator: torch.Generator, dynamic_crops: bool = False) -> torch.Tensor | None:
         """SD has no size conditioning."""
@@ -59,8 +72,9 @@ class SDXLFamily(ModelFamily):
     tracker_name = "sdxl_leco_train"
     recommended_resolution = 1024
 
-    def _encode_chunk(self, model: LoadedModel, prompts: list[str]):
-        return encode_sdxl(model.text_encoders, model.tokenizers, prompts, self.max_token_length)
+    def _encode_chunk(self, index: int, encoder, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # penultimate layers of both encoders, concatenated; the pooled embedding comes from encoder 2
+        return encode_sdxl_part(encoder, tokenizer, prompts, self.max_token_length, pooled=index == 1)
 
     def time_ids(self, height: int, width: int, generator: torch.Generator, dynamic_crops: bool = False) -> torch.Tensor:
         """``(orig_h, orig_w, crop_top, crop_left, height, width)``.

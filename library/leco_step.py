@@ -85,7 +85,8 @@ class LecoStep:
         self.time_ids_fn = time_ids_fn
         self.device = device
         self.autocast = autocast
-        self.scheduler = build_noise_scheduler(scheduler_config, prediction_type, zero_terminal_snr, config.denoise_sampler)
+        self.scheduler = build_noise_scheduler(scheduler_config, prediction_type, zero_terminal_snr, config.denoise_sampler,
+                                               config.max_denoising_steps)
         self.snr = snr_table(self.scheduler)
         self.dtype = next(unet.parameters()).dtype
 
@@ -109,7 +110,7 @@ class LecoStep:
         """Partial CFG denoising from fresh noise: returns ``(x_t, t, k)``, no gradient."""
         steps = self.config.max_denoising_steps
         k = self.draw_denoise_steps(generator)
-        self.scheduler.set_timesteps(steps, device=self.device)
+        self.scheduler.set_timesteps(steps)  # timesteps stay on the CPU: read as ints, moved per call
         latents = initial_latents(setting.batch_size, height, width, generator, self.config.noise_offset,
                                   float(self.scheduler.init_noise_sigma)).to(self.device)
         cond = self.conditioning([setting.target] * setting.batch_size, time_ids)
@@ -142,7 +143,7 @@ class LecoStep:
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights (min-SNR at the real timestep), shape (B,)."""
         if not self.config.min_snr_gamma:
-            return torch.ones(timesteps.shape[0])
+            return torch.ones(timesteps.shape[0], device=timesteps.device)
         return min_snr_weights(timesteps, self.snr, self.config.min_snr_gamma, self.prediction_type == "v_prediction")
 
     def huber_c(self, timesteps: torch.Tensor) -> torch.Tensor | None:
@@ -155,7 +156,8 @@ class LecoStep:
 
     def loss_at(self, setting: PromptSetting, latents: torch.Tensor, timestep: int, time_ids) -> torch.Tensor:
         """The LECO loss for a given x_t: frozen target, then the LoRA's prediction (with grad)."""
-        timesteps = torch.full((latents.shape[0],), timestep, device=self.device, dtype=torch.long)
+        steps_on_cpu = torch.full((latents.shape[0],), timestep, dtype=torch.long)  # for table lookups
+        timesteps = steps_on_cpu.to(self.device)
         frozen = self.frozen_predictions(setting, latents, timesteps, time_ids)
         if setting.action == "preserve":  # an anchor: the frozen model's own prediction for the prompt
             target = frozen[setting.neutral]
@@ -165,9 +167,8 @@ class LecoStep:
         cond = self.conditioning([setting.target] * latents.shape[0], time_ids)
         self.network.set_multiplier(setting.multiplier)
         prediction = self.predict(latents, timesteps, cond)
-        losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(timesteps.cpu()))
-        weights = self.loss_weights(timesteps.cpu()).to(losses.device)
-        return (losses * weights).mean() * setting.weight
+        losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(steps_on_cpu))
+        return (losses * self.loss_weights(steps_on_cpu).to(losses.device)).mean() * setting.weight
 
     def __call__(self, setting: PromptSetting, generator: torch.Generator) -> StepResult:
         """Draw x_t for ``setting`` and return its loss (call ``backward`` on ``result.loss``)."""

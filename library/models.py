@@ -5,6 +5,12 @@ Sources: a diffusers folder, a hub id, or a single original-layout ``.safetensor
 (``library/model_configs``) and tokenizers come from ``--tokenizer_cache_dir`` (written there
 on the first online run, as sd-scripts does). The VAE is never loaded for training; sampling
 asks for it through :meth:`LoadedModel.load_vae`.
+
+Memory is decided by the loading order, so :func:`load_base_model` loads no weights: it reads
+configs and tokenizers and returns loaders. The trainer then loads each text encoder on its own,
+straight into the run's dtype, encodes the prompts and drops it, and only then loads the U-Net,
+again straight into its dtype (weights are read from a memory map and converted one tensor at a
+time: a bf16 run never holds a float32 U-Net, and nothing holds two copies).
 """
 
 from __future__ import annotations
@@ -30,33 +36,46 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MIN_VOCAB = 512  # a byte-level BPE has at least its 512 byte symbols
 
 
+ComponentLoader = Callable[[torch.dtype], torch.nn.Module]
+
+
 @dataclass
 class LoadedModel:
-    """The pieces of a base model that LECO trains against.
+    """A base model LECO trains against: its configs and tokenizers, and loaders for its weights.
 
     Attributes:
         kind: ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
         prediction_type: ``"epsilon"`` or ``"v_prediction"`` (what the U-Net outputs).
         scheduler_config: the model's noise-schedule config.
         source: human-readable description for the run summary.
+        unet_loader: ``dtype -> U-Net`` on the CPU, frozen, in eval mode.
+        text_encoder_loaders: one ``dtype -> text encoder`` per tokenizer (two for SDXL).
     """
 
     kind: str
-    unet: torch.nn.Module
-    text_encoders: list
     tokenizers: list
     scheduler_config: dict
     prediction_type: str
     source: str
+    unet_loader: ComponentLoader = field(repr=False)
+    text_encoder_loaders: list[ComponentLoader] = field(repr=False)
     vae_loader: Callable[[], Any] | None = field(default=None, repr=False)
+
+    def load_unet(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The U-Net on the CPU, its weights converted straight into ``dtype`` (frozen, eval mode)."""
+        return _frozen(self.unet_loader(dtype))
+
+    def load_text_encoder(self, index: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """Text encoder ``index`` (0, or 1 for SDXL's second) on the CPU in ``dtype`` (frozen, eval mode)."""
+        return _frozen(self.text_encoder_loaders[index](dtype))
 
     def load_vae(self):
         """The VAE, loaded on demand (for sample images only); None if the model has none."""
         return self.vae_loader() if self.vae_loader else None
 
-    def release_text_encoders(self) -> None:
-        """Drop the text encoders once prompts are cached (they never return to the accelerator)."""
-        self.text_encoders = []
+
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    return module.requires_grad_(False).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,20 +156,26 @@ def _detect_diffusers_kind(path: str) -> str:
 
 def _load_diffusers(path: str, family: str) -> LoadedModel:
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
     tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", model_max_length=77)]
-    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
+    encoder_classes = [(CLIPTextModel, "text_encoder")]
     if family == "sdxl":
         tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", model_max_length=77))
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"))
+        encoder_classes.append((CLIPTextModelWithProjection, "text_encoder_2"))
         kind = "sdxl"
     else:
         # SD 2.x uses OpenCLIP (gelu, 1024 wide); SD 1.x OpenAI CLIP (quick_gelu, 768 wide)
-        config = text_encoders[0].config
+        config = CLIPTextConfig.from_pretrained(path, subfolder="text_encoder")
         kind = "sd2" if config.hidden_act == "gelu" or config.hidden_size >= 1024 else "sd1"
     scheduler_config = _scheduler_config_from(path)
+
+    def unet_loader(dtype: torch.dtype):
+        # weights are memory-mapped and cast parameter by parameter into the meta-initialised model
+        return UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+
+    def text_encoder_loader(cls, subfolder: str) -> ComponentLoader:
+        return lambda dtype: cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
 
     def vae_loader():
         from diffusers import AutoencoderKL
@@ -160,8 +185,9 @@ def _load_diffusers(path: str, family: str) -> LoadedModel:
         except (OSError, ValueError):
             return None
 
-    return LoadedModel(kind, unet, text_encoders, tokenizers, scheduler_config,
-                       scheduler_config.get("prediction_type", "epsilon"), f"diffusers model {path}", vae_loader)
+    return LoadedModel(kind, tokenizers, scheduler_config, scheduler_config.get("prediction_type", "epsilon"),
+                       f"diffusers model {path}", unet_loader,
+                       [text_encoder_loader(cls, subfolder) for cls, subfolder in encoder_classes], vae_loader)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,18 +239,29 @@ def _load_single_file(path: Path, family: str, v2: bool, v_parameterization: boo
     config_dir = config_dir or _single_file_config_dir(kind, v_parameterization)
     tokenizers = _single_file_tokenizers(kind, tokenizer_cache_dir, config_dir)
     try:
-        parts = single_file.load_single_file(path, kind, config_dir, tokenizers)
-    except ValueError as exc:
+        scheduler_config = single_file.check_config_dir(config_dir, kind)
+    except (ValueError, FileNotFoundError) as exc:
         raise UserError(f"{path.name}: {exc}") from None
-    text_encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if kind == "sdxl" else [])
     ordered_tokenizers = [tokenizers["tokenizer"]] + ([tokenizers["tokenizer_2"]] if kind == "sdxl" else [])
-    scheduler_config = dict(parts["scheduler_config"])
+
+    def checked(load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        try:
+            return load()
+        except ValueError as exc:
+            raise UserError(f"{path.name}: {exc}") from None
+
+    def unet_loader(dtype: torch.dtype):
+        return checked(lambda: single_file.load_single_file_unet(path, config_dir, dtype))
+
+    def text_encoder_loader(index: int) -> ComponentLoader:
+        return lambda dtype: checked(lambda: single_file.load_single_file_text_encoder(path, kind, config_dir, index, dtype))
 
     def vae_loader():
         return single_file.load_single_file_vae(path, config_dir)
 
-    return LoadedModel(kind, parts["unet"], text_encoders, ordered_tokenizers, scheduler_config,
-                       scheduler_config.get("prediction_type", "epsilon"), f"single file {path.name} ({kind})", vae_loader)
+    return LoadedModel(kind, ordered_tokenizers, scheduler_config, scheduler_config.get("prediction_type", "epsilon"),
+                       f"single file {path.name} ({kind})", unet_loader,
+                       [text_encoder_loader(index) for index in range(len(ordered_tokenizers))], vae_loader)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +269,7 @@ def _load_single_file(path: Path, family: str, v2: bool, v_parameterization: boo
 
 def load_base_model(path: str, family: str, v2: bool = False, v_parameterization: bool = False,
                     tokenizer_cache_dir: str | None = None, model_config_dir: str | None = None) -> LoadedModel:
-    """Load a base model for LECO (on the CPU, float32).
+    """Prepare a base model for LECO: configs, tokenizers and weight loaders (no weights are read yet).
 
     Args:
         path: diffusers folder, hub id, or single checkpoint file.

@@ -173,3 +173,29 @@ def create_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int
         num_cycles=num_cycles,
         power=power,
     )
+
+
+def lr_logs(param_groups: list[dict], base_lr: float) -> dict[str, float]:
+    """The learning-rate scalars of one step, named as sd-scripts logs them.
+
+    ``lr`` is the first group's rate when there is one group; with several groups (per-block lr
+    weights, LoRA+) it is the unweighted rate, ``base_lr`` times the schedule's current factor.
+    Every group named by the network (``"name"``: ``unet``, ``unet plus``, ``unet_block4`` ...) also
+    logs ``lr/<name>``, and for Prodigy / D-Adaptation ``lr/d*lr`` (``lr/d*lr/<name>`` per group).
+    """
+    first = param_groups[0]
+    rate = float(first["lr"] or 0.0)
+    logs = {"lr": rate}
+    if len(param_groups) > 1:
+        initial = first.get("initial_lr")  # set by the LR schedule; the group's rate at factor 1
+        logs["lr"] = float(base_lr) * rate / initial if initial else float(base_lr)
+    if "d" in first:  # Prodigy / D-Adaptation: the effective learning rate
+        logs["lr/d*lr"] = float(first["d"] * rate)
+    for group in param_groups:
+        name = group.get("name")
+        if not name:
+            continue
+        logs[f"lr/{name}"] = float(group["lr"] or 0.0)
+        if "d" in group and len(param_groups) > 1:
+            logs[f"lr/d*lr/{name}"] = float(group["d"] * (group["lr"] or 0.0))
+    return logs

@@ -39,16 +39,40 @@ def make_accelerator(config: RunConfig, tracker_name: str):
     log_dir = None
     if config.log.logging_dir:
         log_dir = str(Path(config.log.logging_dir) / f"{config.log.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+    handlers = []
+    if config.train.ddp_timeout_minutes:
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=config.train.ddp_timeout_minutes)))
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # also makes a multi-process launch on CPUs use gloo DDP
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=mixed,
         log_with=config.log.log_with,
         project_dir=log_dir,
+        kwargs_handlers=handlers,
     )
     if accelerator.is_main_process and config.log.log_with:
         accelerator.init_trackers(config.log.log_tracker_name or tracker_name, config=tracker_config(config))
     return accelerator
+
+
+@contextlib.contextmanager
+def tf32_matmuls(allow: bool):
+    """``--allow_tf32``: let float32 matmuls and cuDNN convolutions use TF32 (Ampere and newer) for
+    the run, then put torch's process-wide switches back (a notebook's next run starts clean)."""
+    if not allow:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 def tracker_config(config: RunConfig) -> dict[str, Any]:
@@ -65,10 +89,12 @@ def seeded_generator(seed: int | None, rank: int) -> torch.Generator:
 
 
 def prepare_unet(unet: torch.nn.Module, device, dtype: torch.dtype, attention: str, checkpointing: bool) -> torch.nn.Module:
+    """Freeze the U-Net, cast it to ``dtype`` *then* move it to ``device`` (moving first would put a
+    float32 copy on the GPU: about 10 GB for SDXL), and set up attention and checkpointing."""
     unet.requires_grad_(False)
-    unet.to(device=device)
     if next(unet.parameters()).dtype != dtype:
         unet.to(dtype=dtype)
+    unet.to(device=device)
     unet.eval()
     if attention == "xformers":
         try:
@@ -150,7 +176,9 @@ def optimizer_and_schedule(config: RunConfig, network):
     lr = opt.unet_lr if opt.unet_lr is not None else opt.learning_rate
     params = network.prepare_optimizer_params(None, lr, opt.learning_rate)
     if isinstance(params, tuple):  # newer kohya protocol returns (groups, descriptions)
-        params = params[0]
+        params, descriptions = params
+        if len(descriptions) == len(params):  # sd-scripts' names (unet, unet plus, unet_block3 ...) for the lr logs
+            params = [{**group, "name": name} if isinstance(group, dict) else group for group, name in zip(params, descriptions)]
     optimizer = create_optimizer(opt.optimizer_type, params, opt.learning_rate, dict(opt.optimizer_args))
     if is_schedule_free(opt.optimizer_type):
         if opt.lr_scheduler != "constant" or opt.lr_warmup_steps:

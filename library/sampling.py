@@ -146,22 +146,36 @@ class SampleGridMaker:
                                      (1, 4, height // 8, width // 8), prompt.steps, prompt.guidance_scale, generator, self.device)
         return self.decode(latents)[0]
 
-    def grid(self, prompts: Sequence[SamplePrompt], multipliers: Sequence[float], sampler: str,
-             should_stop: Callable[[], bool] = lambda: False) -> Image.Image | None:
-        """The grid, or None when ``should_stop()`` turned true part-way (a stop was requested)."""
+    def cells(self, prompts: Sequence[SamplePrompt], multipliers: Sequence[float], sampler: str,
+              shard: tuple[int, int] = (0, 1), should_stop: Callable[[], bool] = lambda: False) -> dict[tuple[int, int], np.ndarray]:
+        """This process's share of the grid: ``{(row, column): image}`` for every cell whose index
+        ``row * len(multipliers) + column`` is ``rank`` modulo ``world`` (``shard = (rank, world)``).
+
+        Stops early (returning what it has) once ``should_stop()`` is true.
+        """
+        rank, world = shard
         was_training = self.network.training
         self.network.eval()
-        images = []
+        images: dict[tuple[int, int], np.ndarray] = {}
         try:
             for index, prompt in enumerate(prompts):
-                row = []
-                for multiplier in multipliers:
+                for column, multiplier in enumerate(multipliers):
+                    if (index * len(multipliers) + column) % world != rank:
+                        continue
                     if should_stop():
-                        return None
-                    row.append(self._one(prompt, multiplier, sampler, index))
-                images.append(row)
+                        return images
+                    images[(index, column)] = self._one(prompt, multiplier, sampler, index)
         finally:
             self.network.train(was_training)
+        return images
+
+    @staticmethod
+    def compose(cells: dict[tuple[int, int], np.ndarray], prompts: Sequence[SamplePrompt],
+                multipliers: Sequence[float]) -> Image.Image | None:
+        """The grid of all cells (rows: prompts, columns: multipliers), or None when some are missing."""
+        if len(cells) != len(prompts) * len(multipliers):
+            return None
+        images = [[cells[(row, column)] for column in range(len(multipliers))] for row in range(len(prompts))]
         return make_grid(images, [prompt.prompt or '""' for prompt in prompts], [f"x{m:g}" for m in multipliers])
 
 

@@ -183,6 +183,17 @@ def modelspec(config: RunConfig, kind: str, v_pred: bool, resolution: tuple[int,
     return spec
 
 
+# What clients need to classify a LoRA, kept under --no_metadata (sd-scripts' SS_METADATA_MINIMUM_KEYS):
+# AUTOMATIC1111 tells SDXL/SD2/SD1 apart by ss_base_model_version and ss_v2 and hides other families.
+MINIMUM_METADATA_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                         "ss_network_args")
+
+
+def minimum_metadata(static: dict[str, str]) -> dict[str, str]:
+    """``--no_metadata``: only the keys clients need to classify the file (no prompts, paths or training details)."""
+    return {key: static[key] for key in MINIMUM_METADATA_KEYS if key in static}
+
+
 def step_metadata(static: dict[str, str], step: int, hashes: BaseModelHashes, final: bool) -> dict[str, str]:
     """Static metadata plus what changes per save (step count, finish time, base hash)."""
     metadata = dict(static)
@@ -239,13 +250,20 @@ def save_network_file(network, path: Path, dtype: torch.dtype | None, metadata: 
     return path
 
 
-def prune_step_files(output_dir: Path, output_name: str, extension: str, current_step: int, keep_last_n_steps: int) -> None:
-    """``--save_last_n_steps``: delete intermediate files older than ``current_step - N``."""
-    for file in output_dir.glob(f"{output_name}-step*.{extension}"):
-        try:
-            step = int(file.stem.rsplit("-step", 1)[1])
-        except (IndexError, ValueError):
+def prune_step_outputs(output_dir: Path, output_name: str, suffix: str, current_step: int, keep_last_n_steps: int) -> None:
+    """Delete ``NAME-stepNNNNNNNN<suffix>`` files (or state folders, suffix ``-state``) whose step is
+    older than ``current_step - N`` (``--save_last_n_steps`` / ``--save_last_n_steps_state``, sd-scripts' rule)."""
+    import glob
+    import shutil
+
+    prefix = f"{output_name}-step"
+    for path in output_dir.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        digits = path.name[len(prefix): len(path.name) - len(suffix)]
+        if not digits.isdigit() or int(digits) >= current_step - keep_last_n_steps:
             continue
-        if step < current_step - keep_last_n_steps:
-            file.unlink(missing_ok=True)
-            logger.info("removed old checkpoint %s", file.name)
+        kind = "state" if path.is_dir() else "checkpoint"
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        logger.info("removed old %s %s", kind, path.name)

@@ -232,6 +232,110 @@ def _checked_kind(path: Path, kind: str) -> None:
         raise ValueError(f"{path.name} is an {found} checkpoint, but kind {kind!r} was requested")
 
 
+def check_config_dir(config_dir: str | os.PathLike[str], kind: str) -> dict[str, Any]:
+    """Check that ``config_dir`` holds the configs a ``kind`` checkpoint needs; return its scheduler config.
+
+    Raises:
+        FileNotFoundError: the folder lacks ``model_index.json`` or a component's config.
+    """
+    from diffusers import DDPMScheduler
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; use one of {', '.join(KINDS)}")
+    config_dir = Path(config_dir)
+    names = ("unet", "text_encoder", "scheduler") + (("text_encoder_2",) if kind == "sdxl" else ())
+    _require_configs(config_dir, names)
+    return dict(DDPMScheduler.load_config(str(config_dir), subfolder="scheduler"))
+
+
+def open_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, memory-mapped: nothing is copied until a tensor is converted.
+
+    ``.safetensors`` tensors are views of the file's pages (which the kernel can drop again);
+    zip-format ``.ckpt`` files are mapped by ``torch.load(mmap=True)``. Drop the dict to unmap.
+    """
+    path = _check_file(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return load_ckpt_state_dict(path)
+
+
+def load_single_file_unet(path: str | os.PathLike[str], config_dir: str | os.PathLike[str],
+                          torch_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The U-Net of an original-layout checkpoint, each weight converted straight into ``torch_dtype``.
+
+    The model is built on the meta device (no weights are allocated or randomly initialised), the
+    memory-mapped file's U-Net tensors are renamed with diffusers' converter and cast one by one,
+    and the results become the parameters (``assign``). The only copy in memory is therefore the
+    U-Net in ``torch_dtype``: a bf16 run never holds float32 weights, and a file already in
+    ``torch_dtype`` is used in place. Frozen, eval mode.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    path, config_dir = Path(path), Path(config_dir)
+    dtype = torch_dtype or torch.float32
+    config = UNet2DConditionModel.load_config(str(config_dir), subfolder="unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    checkpoint = open_state_dict(path)
+    try:
+        converted = convert_ldm_unet_checkpoint(checkpoint, unet.config)
+        del checkpoint  # the converted dict keeps only the U-Net's views of the file
+        weights = {}
+        for name in list(converted):
+            value = converted.pop(name)
+            weights[name] = value.to(dtype) if value.is_floating_point() else value
+        unet.load_state_dict(weights, strict=True, assign=True)
+    except (KeyError, RuntimeError) as error:
+        raise _state_dict_mismatch(error, path, config_dir) from None
+    _check_loaded(unet, "unet", path)
+    return unet.requires_grad_(False).eval()
+
+
+def _state_dict_mismatch(error: Exception, path: Path, config_dir: Path) -> ValueError:
+    """Reword torch's ``load_state_dict`` error (or a converter's KeyError) as one line naming the first mismatch."""
+    message = str(error)
+    size = re.search(r"size mismatch for (\S+): copying a param with shape (.+?) from checkpoint, "
+                     r"the shape in current model is (.+?)\.", message)
+    missing = re.search(r"Missing key\(s\) in state_dict: \"([^\"]+)\"", message)
+    if size:
+        detail = f"{size[1]}: config expects {size[3]}, file has {size[2]}"
+    elif missing:
+        detail = f"the file has no {missing[1]}"
+    else:
+        detail = f"{type(error).__name__}: {message.strip().splitlines()[0][:200] if message.strip() else ''}"
+    return ValueError(f"{path.name} does not match the config folder {config_dir} ({detail}); "
+                      "use the config folder of this model family")
+
+
+def load_single_file_text_encoder(path: str | os.PathLike[str], kind: str, config_dir: str | os.PathLike[str], index: int = 0,
+                                  torch_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Text encoder ``index`` of an original-layout checkpoint (1 = SDXL's OpenCLIP-bigG), in ``torch_dtype``.
+
+    Only this encoder's weights are converted; the rest of the file stays unread. Frozen, eval mode.
+    """
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path, config_dir = Path(path), Path(config_dir)
+    if index not in ((0, 1) if kind == "sdxl" else (0,)):
+        raise ValueError(f"a {kind} checkpoint has no text encoder {index}")
+    cls, subfolder = (CLIPTextModelWithProjection, "text_encoder_2") if index == 1 else (CLIPTextModel, "text_encoder")
+    checkpoint = open_state_dict(path)
+    try:
+        encoder = create_diffusers_clip_model_from_ldm(cls, checkpoint, subfolder=subfolder, config=str(config_dir),
+                                                       torch_dtype=torch_dtype, local_files_only=True)
+    except ValueError as error:
+        raise _config_mismatch(error, path, config_dir) from error
+    finally:
+        del checkpoint
+    _check_loaded(encoder, subfolder, path)
+    return encoder.requires_grad_(False).eval()
+
+
 def load_single_file(
     path: str | os.PathLike[str],
     kind: str,
@@ -241,9 +345,10 @@ def load_single_file(
 ) -> dict[str, Any]:
     """Load the U-Net and text encoder(s) of an original-layout checkpoint, without the VAE.
 
-    Uses diffusers' ``StableDiffusionPipeline``/``StableDiffusionXLPipeline.from_single_file`` with a
-    local ``config`` folder, ``local_files_only=True`` and ``vae=None`` (the VAE weights are
-    neither converted nor loaded), so no network access is needed.
+    Each component is converted from the memory-mapped file with diffusers' single-file
+    converters and a local ``config`` folder, so no network access is needed and the VAE
+    weights are neither converted nor loaded. (Training loads the components one at a time
+    through :func:`load_single_file_text_encoder` and :func:`load_single_file_unet`.)
 
     Args:
         path: ``.safetensors`` or ``.ckpt`` single file.
@@ -251,59 +356,32 @@ def load_single_file(
         config_dir: diffusers-layout config folder (``model_index.json``, ``unet/``,
             ``text_encoder/``, ``scheduler/`` and for SDXL ``text_encoder_2/``), e.g.
             :func:`default_config_dir`.
-        tokenizers: ``{"tokenizer": ...}`` and for SDXL also ``"tokenizer_2"``; handed to the
-            pipeline so that no tokenizer files are needed in ``config_dir``.
-        torch_dtype: optional dtype for the loaded models.
+        tokenizers: ``{"tokenizer": ...}`` and for SDXL also ``"tokenizer_2"`` (checked to be
+            present: a model without its tokenizers cannot encode prompts).
+        torch_dtype: optional dtype for the loaded models (default float32).
 
     Returns:
         ``{"unet", "text_encoder", "scheduler_config"}`` plus ``"text_encoder_2"`` for SDXL; the
         models are frozen (``requires_grad`` off) and in eval mode, the scheduler config is a plain
-        dict (from ``config_dir/scheduler``). Without ``torch_dtype`` the models are float32 and,
-        for ``.safetensors``, backed by a copy-on-write memory map of the file (fast, lazily paged).
+        dict (from ``config_dir/scheduler``).
     """
     path = _check_file(path)
     config_dir = Path(config_dir)
     _checked_kind(path, kind)
-    is_xl = kind == "sdxl"
-    names = ("unet", "text_encoder", "scheduler") + (("text_encoder_2",) if is_xl else ())
-    _require_configs(config_dir, names)
-    needed = ("tokenizer", "tokenizer_2") if is_xl else ("tokenizer",)
+    scheduler_config = check_config_dir(config_dir, kind)
+    needed = ("tokenizer", "tokenizer_2") if kind == "sdxl" else ("tokenizer",)
     absent = [name for name in needed if tokenizers.get(name) is None]
     if absent:
         raise ValueError(f"load_single_file needs tokenizers {', '.join(absent)} for a {kind} checkpoint")
-
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    extra: dict[str, Any] = {"tokenizer": tokenizers["tokenizer"]}
-    if is_xl:
-        pipeline_class = StableDiffusionXLPipeline
-        extra.update(tokenizer_2=tokenizers["tokenizer_2"], image_encoder=None, feature_extractor=None)
-    else:
-        pipeline_class = StableDiffusionPipeline
-        extra.update(safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     logger.info("loading %s checkpoint %s (configs from %s, VAE skipped)", kind, path, config_dir)
-    try:
-        pipe = pipeline_class.from_single_file(
-            str(path),
-            config=str(config_dir),
-            vae=None,
-            local_files_only=True,
-            torch_dtype=torch_dtype,
-            **extra,
-        )
-    except ValueError as error:
-        raise _config_mismatch(error, path, config_dir) from error
+    dtype = torch_dtype or torch.float32
     result: dict[str, Any] = {
-        "unet": pipe.unet,
-        "text_encoder": pipe.text_encoder,
-        "scheduler_config": dict(pipe.scheduler.config),
+        "unet": load_single_file_unet(path, config_dir, dtype),
+        "text_encoder": load_single_file_text_encoder(path, kind, config_dir, 0, dtype),
+        "scheduler_config": scheduler_config,
     }
-    if is_xl:
-        result["text_encoder_2"] = pipe.text_encoder_2
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        if name in result:
-            _check_loaded(result[name], name, path)
-            result[name].requires_grad_(False)
+    if kind == "sdxl":
+        result["text_encoder_2"] = load_single_file_text_encoder(path, kind, config_dir, 1, dtype)
     return result
 
 

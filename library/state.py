@@ -41,11 +41,15 @@ class TrainingState:
     torch_rng: torch.Tensor
     cuda_rng: list | None
     fingerprint: dict[str, Any]
+    scaler: dict | None = None  # fp16 loss scaler (scale, growth tracker), None without one
 
 
 def save_state(folder: Path, network, optimizer, lr_scheduler, step: int, generator: torch.Generator,
-               fingerprint: dict[str, Any], optimizer_eval_mode=None) -> Path:
-    """Write the state folder atomically (temp folder, then rename over any previous one)."""
+               fingerprint: dict[str, Any], scaler=None) -> Path:
+    """Write the state folder atomically (temp folder, then rename over any previous one).
+
+    ``scaler`` is the fp16 run's ``GradScaler`` (its scale and growth counter make an fp16 resume exact).
+    """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -61,6 +65,7 @@ def save_state(folder: Path, network, optimizer, lr_scheduler, step: int, genera
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "fingerprint": fingerprint,
+        "scaler": scaler.state_dict() if scaler is not None else None,
     }
     torch.save(payload, tmp / STATE_FILE)
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -103,6 +108,7 @@ def load_state(folder: str | Path) -> tuple[TrainingState, Path]:
         torch_rng=payload["torch_rng"],
         cuda_rng=payload.get("cuda_rng"),
         fingerprint=payload.get("fingerprint", {}),
+        scaler=payload.get("scaler"),
     )
     return state, network_file
 

@@ -45,7 +45,7 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "
     elif loss_type in ("huber", "smooth_l1"):
         if huber_c is None:
             raise ValueError(f"{loss_type} loss needs huber_c")
-        c = huber_c.float().view(-1, *([1] * (diff.dim() - 1)))
+        c = huber_c.to(device=diff.device, dtype=torch.float32).view(-1, *([1] * (diff.dim() - 1)))
         elementwise = 2 * (torch.sqrt(diff.pow(2) + c.pow(2)) - c)
         if loss_type == "huber":
             elementwise = c * elementwise
@@ -56,7 +56,7 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "
 
 def huber_threshold(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, huber_c: float, schedule: str = "snr",
                     scale: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """The Huber threshold ``c`` per sample, shape (B,), at the samples' real timesteps.
+    """The Huber threshold ``c`` per sample, shape (B,), at the samples' real timesteps, on ``timesteps``' device.
 
     ``constant``: ``huber_c * scale``.
     ``exponential``: ``exp(-a t) * scale`` with ``a = -ln(huber_c) / T`` (1 at t = 0, huber_c at t = T).
@@ -64,17 +64,20 @@ def huber_threshold(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, huber
     ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)``: near 1 (L2-like) for clean latents and
     near ``huber_c`` (robust) for noisy ones.
     """
-    timesteps = timesteps.long().cpu()
+    device = timesteps.device
+    timesteps = timesteps.long().cpu()  # a table lookup; the (B,) result goes back to the caller's device
     if schedule == "constant":
-        return torch.full(timesteps.shape, huber_c * scale)
-    if schedule == "exponential":
+        threshold = torch.full(timesteps.shape, huber_c * scale)
+    elif schedule == "exponential":
         rate = -math.log(huber_c) / num_train_timesteps
-        return torch.exp(-rate * timesteps.float()) * scale
-    if schedule == "snr":
+        threshold = torch.exp(-rate * timesteps.float()) * scale
+    elif schedule == "snr":
         alpha_bar = alphas_cumprod.cpu().double()[timesteps]
         sigma = ((1.0 - alpha_bar) / alpha_bar).sqrt()
-        return ((1.0 - huber_c) / (1.0 + sigma).pow(2) + huber_c).float() * scale
-    raise ValueError(f"unknown huber schedule {schedule!r}")
+        threshold = ((1.0 - huber_c) / (1.0 + sigma).pow(2) + huber_c).float() * scale
+    else:
+        raise ValueError(f"unknown huber schedule {schedule!r}")
+    return threshold.to(device)
 
 
 def min_snr_weights(timesteps: torch.Tensor, snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
@@ -86,9 +89,14 @@ def min_snr_weights(timesteps: torch.Tensor, snr: torch.Tensor, gamma: float, v_
     Args:
         timesteps: (B,) integer timesteps, the ones x_t really sits at.
         snr: (T,) table from :func:`library.diffusion.snr_table`.
+
+    Returns:
+        (B,) float32 weights on ``timesteps``' device.
     """
     values = snr.cpu()[timesteps.long().cpu()]
     clipped = torch.clamp(values, max=gamma)
     if v_prediction:
-        return clipped / (values + 1.0)
-    return torch.where(values > 0, clipped / values.clamp(min=1e-20), torch.ones_like(values))
+        weights = clipped / (values + 1.0)
+    else:
+        weights = torch.where(values > 0, clipped / values.clamp(min=1e-20), torch.ones_like(values))
+    return weights.to(timesteps.device)

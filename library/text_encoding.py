@@ -88,6 +88,22 @@ def encode_sd(text_encoder, tokenizer, prompts: Sequence[str], max_token_length:
 
 
 @torch.no_grad()
+def encode_sdxl_part(encoder, tokenizer, prompts: Sequence[str], max_token_length: int = 75,
+                     pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One SDXL text encoder's share: its penultimate layer ``(B, L, D_i)`` without the final layer
+    norm and, with ``pooled``, the projection of its EOS token from the first 75-token window ``(B, P)``.
+
+    Each encoder can be encoded on its own (and then released) before the next one is loaded.
+    """
+    windows = tokenize_chunks(tokenizer, prompts, max_token_length)
+    batch, n_chunks, length = windows.shape
+    flat = windows.view(batch * n_chunks, length).to(encoder.device)
+    output = encoder(flat, output_hidden_states=True)
+    hidden = join_chunks(output.hidden_states[-2].view(batch, n_chunks, length, -1))
+    return hidden, output.text_embeds.view(batch, n_chunks, -1)[:, 0] if pooled else None
+
+
+@torch.no_grad()
 def encode_sdxl(text_encoders: Sequence, tokenizers: Sequence, prompts: Sequence[str],
                 max_token_length: int = 75) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL conditioning: ``(hidden (B, L, D1 + D2), pooled (B, P))``.
@@ -96,18 +112,9 @@ def encode_sdxl(text_encoders: Sequence, tokenizers: Sequence, prompts: Sequence
     2048 for the real model), without the final layer norm. The pooled embedding is text encoder
     2's projection of its EOS token, from the first 75-token window.
     """
-    hidden_parts = []
-    pooled = None
-    for index, (encoder, tokenizer) in enumerate(zip(text_encoders, tokenizers)):
-        windows = tokenize_chunks(tokenizer, prompts, max_token_length)
-        batch, n_chunks, length = windows.shape
-        flat = windows.view(batch * n_chunks, length).to(encoder.device)
-        output = encoder(flat, output_hidden_states=True)
-        hidden = output.hidden_states[-2]
-        hidden_parts.append(join_chunks(hidden.view(batch, n_chunks, length, -1)))
-        if index == 1:
-            pooled = output.text_embeds.view(batch, n_chunks, -1)[:, 0]
-    return torch.cat(hidden_parts, dim=-1), pooled
+    first, _ = encode_sdxl_part(text_encoders[0], tokenizers[0], prompts, max_token_length)
+    second, pooled = encode_sdxl_part(text_encoders[1], tokenizers[1], prompts, max_token_length, pooled=True)
+    return torch.cat([first, second], dim=-1), pooled
 
 
 @dataclass

@@ -7,7 +7,7 @@ bottom; the maths lives in ``leco_step``, ``targets`` and ``diffusion``.
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import logging
 import random
 import time
@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from library.config import RunConfig, check_zero_terminal_snr
-from library.errors import UserError
+from library.errors import NonFiniteLoss, UserError
 from library.family import ModelFamily, family_for
 from library.leco_step import LecoStep
 from library.models import LoadedModel, load_base_model, load_vae
 from library.optimizer_step import accumulate_and_step, broadcast_parameters, ranks_agree
-from library.optimizers import is_schedule_free
+from library.optimizers import is_schedule_free, lr_logs
 from library.run_setup import (
     allow_fp16_gradient_unscaling,
     create_lora_network,
@@ -31,6 +31,7 @@ from library.run_setup import (
     optimizer_name,
     prepare_unet,
     seeded_generator,
+    tf32_matmuls,
     weight_dtype_for,
 )
 from library.sampling import SampleGridMaker, build_sample_scheduler, latent_preview, save_grid, vae_decoder
@@ -39,7 +40,8 @@ from library.saving import (
     BaseModelHashes,
     build_metadata,
     final_file_name,
-    prune_step_files,
+    minimum_metadata,
+    prune_step_outputs,
     save_network_file,
     step_file_name,
     step_metadata,
@@ -55,10 +57,6 @@ class TrainingInterrupted(Exception):
     """Ctrl-C / SIGTERM: the LoRA (and state) were saved at the last completed step."""
 
 
-class NonFiniteLoss(Exception):
-    """The loss became NaN/inf; the last good checkpoint is kept, nothing newer is written."""
-
-
 @dataclass
 class TrainResult:
     """What a finished run produced."""
@@ -67,10 +65,6 @@ class TrainResult:
     steps: int
     files: list[Path] = field(default_factory=list)
     last_loss: float | None = None
-
-
-# ----------------------------------------------------------------------------------------------
-# Set-up helpers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,14 +111,11 @@ class Trainer:
         return model
 
     def cache_prompts(self, model: LoadedModel):
+        """Encode every prompt once, each text encoder loaded in the run's dtype and released after use."""
         prompts = list(self.config.prompts.all_prompts)
         for sample in self.config.sample.prompts:
             prompts += [sample.prompt, sample.negative]
-        cache = self.family.encode(model, prompts, self.device)
-        model.release_text_encoders()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        cache = self.family.encode(model, prompts, self.device, self.weight_dtype)
         logger.info("cached %d prompt embeddings; text encoders released", len(cache))
         return cache.to(self.device, self.weight_dtype)
 
@@ -148,6 +139,9 @@ class Trainer:
         optimizer.load_state_dict(state.optimizer)
         if lr_scheduler is not None and state.lr_scheduler:
             lr_scheduler.load_state_dict(state.lr_scheduler)
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)  # the fp16 loss scale continues where it was
         if self.accelerator.process_index == 0:
             self.generator.set_state(state.generator)
             torch.set_rng_state(state.torch_rng)
@@ -162,49 +156,80 @@ class Trainer:
     # --- saving ---------------------------------------------------------------------------
 
     def save(self, network, optimizer, lr_scheduler, step: int, final: bool) -> Path | None:
-        """Write the LoRA (and the state with --save_state) on the main process."""
+        """Write the LoRA (and the state with --save_state) on the main process.
+
+        Every rank enters and leaves together: a rank that left before the file was written could
+        end the run (or be killed by the launcher) while rank 0 is still writing.
+        """
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
+        self._refuse_non_finite_weights(network, step)  # the same weights on every rank: all decide alike
+        path = self._write(network, optimizer, lr_scheduler, step, final) if self.accelerator.is_main_process else None
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _write(self, network, optimizer, lr_scheduler, step: int, final: bool) -> Path:
         out = self.config.output
         name = final_file_name(out.output_name, self.extension) if final else step_file_name(out.output_name, step, self.extension)
-        metadata = None if out.no_metadata else step_metadata(self.static_metadata, step, self.hashes, final)
-        eval_mode = getattr(optimizer, "eval", None) if is_schedule_free(self.config.optimizer.optimizer_type) else None
-        if eval_mode:
-            eval_mode()  # schedule-free: save the averaged weights, not the training iterate
-        try:
+        metadata = minimum_metadata(self.static_metadata) if out.no_metadata else step_metadata(self.static_metadata, step,
+                                                                                                  self.hashes, final)
+        with self._averaged_weights(optimizer):
             path = save_network_file(network, self.output_dir / name, SAVE_DTYPES[out.save_precision], metadata,
                                      self.sgm_aliases)
             if out.save_state or (final and out.save_state_on_train_end):
                 state_dir = self.output_dir / state_dir_name(out.output_name, None if final else step)
-                save_state(state_dir, network, optimizer, lr_scheduler, step, self.generator, self.fingerprint)
+                save_state(state_dir, network, optimizer, lr_scheduler, step, self.generator, self.fingerprint,
+                           getattr(self.accelerator, "scaler", None))
                 logger.info("saved state %s", state_dir)
-        finally:
-            if eval_mode:
-                optimizer.train()
         self.files.append(path)
         logger.info("saved %s", path)
         if not final and out.save_last_n_steps:
-            prune_step_files(self.output_dir, out.output_name, self.extension, step, out.save_last_n_steps)
+            prune_step_outputs(self.output_dir, out.output_name, f".{self.extension}", step, out.save_last_n_steps)
+        if not final and out.save_state and out.save_last_n_steps_state:
+            prune_step_outputs(self.output_dir, out.output_name, "-state", step, out.save_last_n_steps_state)
         return path
 
-    def sample(self, grid_maker: SampleGridMaker | None, optimizer, step: int, stop) -> None:
-        if grid_maker is None or not self.accelerator.is_main_process:
-            return
+    @contextlib.contextmanager
+    def _averaged_weights(self, optimizer):
+        """Schedule-free optimizers: the LoRA holds the averaged weights (what is saved and sampled)
+        inside the block, and the training iterate again after it."""
         eval_mode = getattr(optimizer, "eval", None) if is_schedule_free(self.config.optimizer.optimizer_type) else None
         if eval_mode:
             eval_mode()
         try:
-            image = grid_maker.grid(self.config.sample.prompts, self.config.sample.multipliers, self.config.sample.sampler,
-                                    should_stop=lambda: stop.requested)
+            yield
         finally:
             if eval_mode:
                 optimizer.train()
-        if image is None:
+
+    def _refuse_non_finite_weights(self, network, step: int) -> None:
+        bad = [name for name, value in network.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad:
+            kept = self.files[-1].name if self.files else "no checkpoint yet"
+            raise NonFiniteLoss(f"the LoRA holds NaN/inf values at step {step} ({len(bad)} tensors, e.g. {bad[0]}); "
+                                f"nothing was written (last good file: {kept}). Try a lower --learning_rate or another optimizer")
+
+    def sample(self, grid_maker: SampleGridMaker | None, optimizer, step: int, stop) -> None:
+        """Draw the sample grid, its cells shared out over the processes (sd-scripts spreads sample
+        prompts over ranks too): no rank waits idle in a collective while rank 0 draws them all."""
+        if grid_maker is None:
+            return
+        accelerator = self.accelerator
+        with self._averaged_weights(optimizer):
+            cells = grid_maker.cells(self.config.sample.prompts, self.config.sample.multipliers, self.config.sample.sampler,
+                                     shard=(accelerator.process_index, accelerator.num_processes),
+                                     should_stop=lambda: stop.requested)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            cells = {key: image for part in gather_object([cells]) for key, image in part.items()}
+        if not accelerator.is_main_process:
+            return
+        image = grid_maker.compose(cells, self.config.sample.prompts, self.config.sample.multipliers)
+        if image is None:  # a stop was requested part-way
             return
         path = save_grid(image, self.output_dir / "sample", f"{self.config.output.output_name}_{step:06d}")
         logger.info("sample grid %s", path)
-        for tracker in self.accelerator.trackers:
+        for tracker in accelerator.trackers:
             if hasattr(tracker, "log_images"):
                 import numpy as np
 
@@ -212,7 +237,7 @@ class Trainer:
 
     def make_grid_maker(self, model: LoadedModel, step_fn: LecoStep, network, cache) -> SampleGridMaker | None:
         sample = self.config.sample
-        if not sample.prompts or not self.accelerator.is_main_process:
+        if not sample.prompts:
             return None
         if (Path(self.config.model.path) / "concept_world.json").is_file():
             from library.concept_world.sampling import latents_to_rgb
@@ -270,7 +295,9 @@ class Trainer:
         accelerator = self.accelerator
         model = self.load_model()
         cache = self.cache_prompts(model)
-        unet = prepare_unet(model.unet, self.device, self.weight_dtype, cfg.train.attention, cfg.train.gradient_checkpointing)
+        # the U-Net is read only now, after the text encoders are gone, straight into the run's dtype
+        unet = prepare_unet(model.load_unet(self.weight_dtype), self.device, self.weight_dtype, cfg.train.attention,
+                            cfg.train.gradient_checkpointing)
         network = self.build_network(unet)
         foreign_sdxl = self.family.name == "sdxl" and cfg.network.module != "networks.lora"
         self.sgm_aliases = kohya_aliases(unet) if foreign_sdxl else None
@@ -278,7 +305,8 @@ class Trainer:
         network_dim = getattr(network, "lora_dim", cfg.network.dim)
         network_alpha = float(getattr(network, "alpha", cfg.network.alpha))
         self.fingerprint = {"network_module": cfg.network.module, "network_dim": network_dim,
-                            "network_alpha": network_alpha, "optimizer_type": cfg.optimizer.optimizer_type.lower()}
+                            "network_alpha": network_alpha, "network_args": dict(sorted(cfg.network.args.items())),
+                            "optimizer_type": cfg.optimizer.optimizer_type.lower()}
         start_step = self.resume(network, optimizer, lr_scheduler, self.fingerprint)
         broadcast_parameters(network, accelerator)
         optimizer = accelerator.prepare(optimizer)
@@ -288,7 +316,7 @@ class Trainer:
             optimizer.train()
         step_fn = LecoStep(unet, network, cache, model.scheduler_config, model.prediction_type, cfg.leco,
                            self.family.time_ids, self.device, accelerator.autocast, cfg.model.zero_terminal_snr)
-        self.hashes = BaseModelHashes(cfg.model.path)
+        self.hashes = BaseModelHashes(cfg.model.path if accelerator.is_main_process else "")  # only rank 0 writes metadata
         network_args = dict(cfg.network.args)
         self.static_metadata = build_metadata(cfg, model.kind, model.prediction_type, self.started_at, self.session_id,
                                               self.hashes, network_args, optimizer_name(optimizer, cfg.optimizer.optimizer_args),
@@ -297,7 +325,7 @@ class Trainer:
         self.log_summary(model, network, optimizer, start_step)
         params = [param for param in network.parameters() if param.requires_grad]
         try:
-            with StopRequest() as stop:
+            with StopRequest() as stop, tf32_matmuls(cfg.train.allow_tf32):
                 last_loss = self.loop(step_fn, network, optimizer, lr_scheduler, params, grid_maker, start_step, stop)
             if accelerator.num_processes > 1 and ranks_agree(params, accelerator, self.device):
                 logger.info("LoRA identical on all %d processes", accelerator.num_processes)
@@ -324,7 +352,8 @@ class Trainer:
         while step < cfg.train.max_train_steps:
             setting = settings[int(torch.randint(len(settings), (), generator=self.generator))]
             result = accumulate_and_step(accelerator, lambda: step_fn(setting, self.generator), optimizer, lr_scheduler,
-                                         params, cfg.optimizer.max_grad_norm, lambda loss: self._check_finite(loss, step))
+                                         params, cfg.optimizer.max_grad_norm, lambda loss: self._check_finite(loss, step),
+                                         lambda count: self._non_finite_gradients(count, step))
             value = float(result.loss.detach())
             micro_losses.append(value)
             group_losses.setdefault(setting.log_group, []).append(value)
@@ -353,36 +382,52 @@ class Trainer:
         return last_loss
 
     def _stop_if_requested(self, stop, step: int | None, network, optimizer, lr_scheduler, progress) -> None:
-        """After a completed step (``step``) or before the first one (None): save and stop if asked to."""
-        if not stop.requested:
+        """After a completed step (``step``) or before the first one (None): save and stop if asked to.
+
+        A signal may reach one process only, or reach them at different steps; the ranks agree here
+        (one tiny all-reduce per step) so that all of them stop after the same step and save once.
+        """
+        if not self._any_rank(stop.requested):
             return
         progress.close()
         if step is None:
             raise TrainingInterrupted("stopped before the first step; nothing new to save")
         self.save(network, optimizer, lr_scheduler, step, final=False)
-        raise TrainingInterrupted(f"stopped at step {step}; saved {self.files[-1] if self.files else 'nothing'}")
+        saved = f"; saved {self.files[-1]}" if self.files else ""
+        raise TrainingInterrupted(f"stopped at step {step}{saved}")
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (the flag itself with one process)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def _non_finite_gradients(self, count: int, step: int) -> None:
+        kept = self.files[-1].name if self.files else "no checkpoint yet"
+        raise NonFiniteLoss(
+            f"{count} LoRA gradients became NaN/inf at step {step + 1}; stopping before the optimizer step, nothing "
+            f"newer is written (last good file: {kept}). Try a lower --learning_rate, --max_grad_norm 1.0, or "
+            "--mixed_precision bf16 instead of fp16"
+        )
 
     def _step_logs(self, micro_losses, group_losses, optimizer, result) -> dict[str, float]:
+        opt = self.config.optimizer
         logs = {
             "loss": sum(micro_losses) / len(micro_losses),
-            "lr": float(optimizer.param_groups[0]["lr"] or 0.0),
+            **lr_logs(optimizer.param_groups, opt.unet_lr if opt.unet_lr is not None else opt.learning_rate),
             "timestep": float(result.timestep),
             "denoise_steps": float(result.denoise_steps),
         }
-        if "d" in optimizer.param_groups[0]:  # Prodigy / D-Adaptation: the effective learning rate
-            logs["lr/d*lr"] = float(optimizer.param_groups[0]["d"] * (optimizer.param_groups[0]["lr"] or 0.0))
         for group, values in group_losses.items():
             logs[f"loss/{group}"] = sum(values) / len(values)
         return logs
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
-        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=self.device)
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        if float(bad) > 0:
+        if self._any_rank(not bool(torch.isfinite(loss.detach()).all())):
             kept = self.files[-1].name if self.files else "no checkpoint yet"
             raise NonFiniteLoss(
-                f"the loss became {float(loss.detach())} at step {step + 1}; stopping without saving (last good file: {kept}). "
+                f"the loss became NaN/inf at step {step + 1}; stopping without saving (last good file: {kept}). "
                 "Try a lower --learning_rate, --max_grad_norm 1.0, or --mixed_precision bf16 instead of fp16"
             )
 

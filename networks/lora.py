@@ -29,8 +29,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from networks.lora_blocks import (
+    BLOCK_ARG_KEYS,
+    DIM_KEYS,
+    BlockSettings,
+    block_param_groups,
+    layout_for,
+    parse_block_lr_weights,
+    parse_block_settings,
+    parse_loraplus_ratio,
+    validate_block_args,
+)
 from networks.lora_files import load_lora_file, lora_hashes, read_lora_metadata, save_lora_file
-from networks.sgm_names import LORA_PREFIX_UNET, canonical_weights, is_sdxl_unet, kohya_aliases, lora_name_for
+from networks.sgm_names import LORA_PREFIX_UNET, canonical_weights, diffusers_to_sgm, is_sdxl_unet, kohya_aliases, lora_name_for
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +52,7 @@ RESNET_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TRAIN_METHODS = ("full", "xattn", "xattn_strict", "selfattn", "noxattn")
 NETWORK_ARG_KEYS = (
     "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "train_method", "include", "exclude",
-    "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "dropout",
+    "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "dropout", *BLOCK_ARG_KEYS,
 )
 
 
@@ -246,6 +257,7 @@ class LoRANetwork(nn.Module):
         modules_dim: dict[str, int] | None = None,
         modules_alpha: dict[str, float] | None = None,
         loraplus_lr_ratio: float | None = None,
+        blocks: BlockSettings | None = None,
     ):
         super().__init__()
         self.multiplier = multiplier
@@ -260,16 +272,25 @@ class LoRANetwork(nn.Module):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.is_sdxl = is_sdxl_unet(unet)
         self._aliases = kohya_aliases(unet)
+        self.blocks = blocks
+        self.block_lr_weight = blocks.lr_weights if blocks is not None else None
+        self.block_of: dict[str, int] = {}  # lora_name -> sd-scripts block index (block options only)
         from_weights = modules_dim is not None
-        targets = find_target_modules(
-            unet, conv=bool(conv_lora_dim) or from_weights, train_method=train_method, include=include, exclude=exclude
-        )
+        by_block = blocks is not None and blocks.dims is not None and not from_weights
+        conv = bool(conv_lora_dim) or from_weights or (by_block and any(blocks.conv_dims or ()))
+        targets = find_target_modules(unet, conv=conv, train_method=train_method, include=include, exclude=exclude)
         self.unet_loras: list[LoRAModule] = []
-        for name, _path, module in targets:
+        for name, path, module in targets:
+            if blocks is not None:
+                self.block_of[name] = blocks.layout.index_of(diffusers_to_sgm(path, unet.config))
             if from_weights:
                 if name not in modules_dim:
                     continue
                 dim, module_alpha = modules_dim[name], modules_alpha.get(name, modules_dim[name])
+            elif by_block:
+                dim, module_alpha = blocks.rank(self.block_of[name], _is_conv_3x3(module))
+                if not dim:
+                    continue  # rank 0 or lr weight 0: this block gets no LoRA
             elif _is_conv_3x3(module):
                 dim, module_alpha = conv_lora_dim, conv_alpha
             else:
@@ -277,9 +298,12 @@ class LoRANetwork(nn.Module):
             lora = LoRAModule(name, module, multiplier, dim, module_alpha, dropout, rank_dropout, module_dropout)
             self.unet_loras.append(lora)
             self.add_module(name, lora)
+        if blocks is not None:
+            logger.info("%s blocks: %s", blocks.layout.title, blocks.describe(self.unet_loras, self.block_of))
         self.text_encoder_loras: list[LoRAModule] = []
         if not self.unet_loras:
-            raise ValueError("the network selects no U-Net layers; check train_method/include/exclude in --network_args")
+            raise ValueError("the network selects no U-Net layers; check train_method/include/exclude"
+                             f"{'/block_dims/lr weights' if blocks is not None else ''} in --network_args")
         logger.info("LoRA network: %d U-Net modules (%s naming)", len(self.unet_loras), "SGM" if self.is_sdxl else "diffusers")
 
     # --- kohya protocol -------------------------------------------------------------------
@@ -326,18 +350,17 @@ class LoRANetwork(nn.Module):
         return [param for param in self.parameters() if param.requires_grad]
 
     def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=None, default_lr=None, loraplus_lr_ratio=None):
-        """Parameter groups for the optimizer and a description of each.
+        """Parameter groups for the optimizer and sd-scripts' description of each.
 
         LoRA+ (``loraplus_lr_ratio``) gives the ``lora_up`` weights a learning rate that many
-        times larger (Hayou et al., 2024).
+        times larger (Hayou et al., 2024): groups ``unet`` and ``unet plus``. With per-block lr
+        weights there is one group (or LoRA+ pair) per block, ``unet_block{index}``, at
+        ``lr * weight`` (see :func:`networks.lora_blocks.block_param_groups`).
         """
         lr = unet_lr if unet_lr is not None else default_lr
         ratio = loraplus_lr_ratio or self.loraplus_lr_ratio
-        down = [param for lora in self.unet_loras for name, param in lora.named_parameters() if "lora_up" not in name]
-        up = [param for lora in self.unet_loras for name, param in lora.named_parameters() if "lora_up" in name]
-        if ratio:
-            return [{"params": down, "lr": lr}, {"params": up, "lr": lr * ratio}], ["unet", "unet lora_up (LoRA+)"]
-        return [{"params": down + up, "lr": lr}], ["unet"]
+        self.requires_grad_(True)
+        return block_param_groups(self.unet_loras, self.block_of, lr, self.block_lr_weight, ratio)
 
     # --- weights --------------------------------------------------------------------------
 
@@ -379,7 +402,16 @@ class LoRANetwork(nn.Module):
                     f"{Path(file).name}: {key} has shape {tuple(value.shape)}, the network expects {tuple(own[key].shape)} "
                     "(different --network_dim/conv_dim? use --dim_from_weights)"
                 )
+        alphas_before = {lora.lora_name: lora.alpha.clone() for lora in self.unet_loras}
         self.load_state_dict({key: value for key, value in weights.items() if key in own}, strict=False)
+        changed = []
+        for lora in self.unet_loras:  # the file's alpha decides the scale (a different --network_alpha / block_alphas)
+            if not torch.equal(lora.alpha, alphas_before[lora.lora_name]):
+                changed.append(lora.lora_name)
+                lora.scale = float(lora.alpha) / lora.lora_dim
+        if changed:
+            logger.warning("%s: %d modules have another alpha in the file than this network's (first: %s); the file's alphas are used",
+                           Path(file).name, len(changed), changed[0])
         return {"missing": missing, "unexpected": unexpected}
 
     @torch.no_grad()
@@ -421,19 +453,21 @@ def _float_arg(kwargs: dict, key: str) -> float | None:
         raise ValueError(f"--network_args {key}={value}: must be a number") from None
 
 
-def validate_network_args(kwargs: dict[str, Any]) -> str:
+def validate_network_args(kwargs: dict[str, Any], family: str | None = None) -> str:
     """Check ``--network_args`` for networks.lora (no model needed); returns the train_method.
+
+    ``family`` (``"sd"`` or ``"sdxl"``) fixes the block count of the block-wise options (25 or 23).
 
     Raises:
         ValueError: naming the bad option.
     """
-    unknown = [key for key in kwargs if key not in NETWORK_ARG_KEYS]
+    unknown = [key for key in kwargs if key not in NETWORK_ARG_KEYS and key != "loraplus_text_encoder_lr_ratio"]
     if unknown:
         raise ValueError(f"--network_args: unknown option '{unknown[0]}' for networks.lora (known: {', '.join(NETWORK_ARG_KEYS)})")
     train_method = str(kwargs.get("train_method") or "full").replace("-", "_")
     if train_method not in TRAIN_METHODS:
         raise ValueError(f"--network_args train_method={train_method}: use one of {', '.join(TRAIN_METHODS)}")
-    for key in ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio"):
+    for key in ("conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout"):
         _float_arg(kwargs, key)
     conv_dim = _float_arg(kwargs, "conv_dim")
     if conv_dim is not None and (conv_dim < 1 or conv_dim != int(conv_dim)):
@@ -450,6 +484,7 @@ def validate_network_args(kwargs: dict[str, Any]) -> str:
                 re.compile(kwargs[key])
             except re.error as exc:
                 raise ValueError(f"--network_args {key}={kwargs[key]}: not a regular expression ({exc})") from None
+    validate_block_args(kwargs, family, train_method)
     return train_method
 
 
@@ -468,27 +503,36 @@ def create_network(
     ``kwargs`` are the ``--network_args`` strings: ``conv_dim``, ``conv_alpha`` (LoCon),
     ``rank_dropout``, ``module_dropout``, ``train_method`` (full | xattn | xattn_strict | selfattn |
     noxattn), ``include`` / ``exclude`` (regular expressions on the ``lora_unet_...`` names),
-    ``loraplus_lr_ratio``.
+    ``loraplus_lr_ratio`` / ``loraplus_unet_lr_ratio``, and the block-wise ``block_dims``,
+    ``block_alphas``, ``conv_block_dims``, ``conv_block_alphas``, ``down_lr_weight``,
+    ``mid_lr_weight``, ``up_lr_weight``, ``block_lr_zero_threshold`` (see
+    :mod:`networks.lora_blocks`).
     """
-    train_method = validate_network_args(kwargs)
+    family = "sdxl" if is_sdxl_unet(unet) else "sd"
+    train_method = validate_network_args(kwargs, family)
     conv_dim = _float_arg(kwargs, "conv_dim")
     conv_alpha = _float_arg(kwargs, "conv_alpha")
     dropout = neuron_dropout if neuron_dropout is not None else _float_arg(kwargs, "dropout")
-    ratio = _float_arg(kwargs, "loraplus_lr_ratio") or _float_arg(kwargs, "loraplus_unet_lr_ratio")
+    ratio = parse_loraplus_ratio(kwargs)
+    lora_dim = int(network_dim or 4)
+    alpha = network_alpha if network_alpha is not None else 1.0
+    conv_alpha = conv_alpha if conv_alpha is not None else (1.0 if conv_dim else None)
+    blocks = parse_block_settings(kwargs, layout_for(family), lora_dim, alpha, int(conv_dim) if conv_dim else None, conv_alpha)
     network = LoRANetwork(
         unet,
         multiplier=multiplier,
-        lora_dim=int(network_dim or 4),
-        alpha=network_alpha if network_alpha is not None else 1.0,
+        lora_dim=lora_dim,
+        alpha=alpha,
         dropout=dropout,
         rank_dropout=_float_arg(kwargs, "rank_dropout"),
         module_dropout=_float_arg(kwargs, "module_dropout"),
         conv_lora_dim=int(conv_dim) if conv_dim else None,
-        conv_alpha=conv_alpha if conv_alpha is not None else (1.0 if conv_dim else None),
+        conv_alpha=conv_alpha,
         train_method=train_method,
         include=kwargs.get("include") or None,
         exclude=kwargs.get("exclude") or None,
         loraplus_lr_ratio=ratio,
+        blocks=blocks,
     )
     return network
 
@@ -505,9 +549,19 @@ def create_network_from_weights(
 ) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
     """Build a network whose modules, ranks and alphas are read from a LoRA file.
 
+    As sd-scripts, ``down_lr_weight`` / ``mid_lr_weight`` / ``up_lr_weight`` and LoRA+ still set the
+    learning rates (a block at weight 0 is kept unchanged: its modules stop training); ranks and
+    alphas come from the file, so ``block_dims`` and the other per-block ranks are not used.
+
     Returns:
         (network, the file's tensors)
     """
+    family = "sdxl" if is_sdxl_unet(unet) else "sd"
+    validate_network_args(kwargs, family)
+    unused = [key for key in DIM_KEYS if kwargs.get(key) not in (None, "")]
+    if unused:
+        logger.warning("--dim_from_weights: the ranks and alphas come from the file; %s not used", ", ".join(unused))
+    lr_weights = parse_block_lr_weights(kwargs, layout_for(family))
     if weights_sd is None:
         weights_sd = load_lora_file(file)
     weights_sd = canonical_weights(weights_sd, kohya_aliases(unet))
@@ -531,6 +585,8 @@ def create_network_from_weights(
         dropout=_float_arg(kwargs, "dropout"),
         rank_dropout=_float_arg(kwargs, "rank_dropout"),
         module_dropout=_float_arg(kwargs, "module_dropout"),
+        loraplus_lr_ratio=parse_loraplus_ratio(kwargs),
+        blocks=BlockSettings(layout_for(family), lr_weights=lr_weights) if lr_weights is not None else None,
     )
     unmatched = sorted(set(modules_dim) - {lora.lora_name for lora in network.unet_loras})
     if unmatched:

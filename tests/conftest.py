@@ -55,3 +55,13 @@ def tiny_sd2_dir(tmp_path_factory) -> Path:
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
     """A tiny SDXL-shaped diffusers folder (two text encoders, text_time embeddings, VAE)."""
     return tiny_models.save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_single_file(tiny_sd_dir, tmp_path_factory):
+    """The tiny SD model as one original-layout file, its configs and a tokenizer cache (offline use)."""
+    from tests.helpers import config_only_copy, export_single_file, tokenizer_cache
+
+    folder = tmp_path_factory.mktemp("single_file")
+    checkpoint = export_single_file(tiny_sd_dir, folder / "tiny_sd.safetensors", "sd1")
+    return checkpoint, config_only_copy(tiny_sd_dir, folder / "configs"), tokenizer_cache(tiny_sd_dir, folder / "tokenizers")

@@ -27,7 +27,7 @@ def make_step(folder, config: LecoConfig, family: str = "sd", settings=(SETTING,
     fam = family_for(family)
     prompts = [prompt for setting in settings for prompt in setting.prompts]
     cache = fam.encode(model, prompts, torch.device("cpu"))
-    unet = prepare_unet(model.unet, torch.device("cpu"), torch.float32, "sdpa", False)
+    unet = prepare_unet(model.load_unet(torch.float32), torch.device("cpu"), torch.float32, "sdpa", False)
     network = create_network(1.0, 4, 1.0, None, [], unet)
     network.apply_to()
     with torch.no_grad():  # a non-zero LoRA, so that "LoRA on" and "LoRA off" differ

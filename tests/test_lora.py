@@ -208,7 +208,7 @@ def test_include_and_exclude_patterns(tiny_sd_dir):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"block_dims": "1,2"}, "unknown option 'block_dims'"),
+        ({"block_dims": "1,2"}, "block_dims: SD 1.x/2.x needs 25"),
         ({"train_method": "everything"}, "train_method"),
         ({"conv_dim": "4", "train_method": "xattn"}, "conv_dim"),
         ({"conv_dim": "x"}, "conv_dim"),

@@ -14,13 +14,11 @@ from networks.lora import read_lora_metadata
 from tests.helpers import (
     all_finite,
     base_argv,
-    config_only_copy,
     export_single_file,
     image_tags,
     lora_changed,
     lora_tensors,
     scalars,
-    tokenizer_cache,
     write_prompts,
 )
 
@@ -75,14 +73,6 @@ def test_same_seed_gives_identical_lora(tiny_sd_dir, tmp_path):
     assert train_leco.main(base_argv(tiny_sd_dir, prompts, tmp_path / "c", steps=3)[:-1] + ["7"]) == 0
     third = lora_tensors(tmp_path / "c" / "leco.safetensors")
     assert not all(torch.equal(first[key], third[key]) for key in first)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd_single_file(tiny_sd_dir, tmp_path_factory):
-    """The tiny SD model as one original-layout file, its configs and a tokenizer cache (offline use)."""
-    folder = tmp_path_factory.mktemp("single_file")
-    checkpoint = export_single_file(tiny_sd_dir, folder / "tiny_sd.safetensors", "sd1")
-    return checkpoint, config_only_copy(tiny_sd_dir, folder / "configs"), tokenizer_cache(tiny_sd_dir, folder / "tokenizers")
 
 
 @pytest.mark.parametrize("kind", ["erase", "enhance", "slider"])

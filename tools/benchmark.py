@@ -136,9 +136,8 @@ def build_step(args, mode: str):
     setting = PromptSetting(target="van gogh", positive="van gogh", unconditional="", neutral="", action="erase",
                             guidance_scale=1.0, resolution=(args.resolution, args.resolution), batch_size=args.batch_size,
                             multiplier=1.0, weight=1.0)
-    cache = family.encode(model, list(setting.prompts), device).to(device, dtype)
-    model.release_text_encoders()
-    unet = prepare_unet(model.unet, device, dtype, "xformers" if args.xformers else "sdpa", args.gradient_checkpointing)
+    cache = family.encode(model, list(setting.prompts), device, dtype).to(device, dtype)
+    unet = prepare_unet(model.load_unet(dtype), device, dtype, "xformers" if args.xformers else "sdpa", args.gradient_checkpointing)
     network = create_network(1.0, args.network_dim, args.network_dim / 2, None, [], unet)
     network.apply_to()
     network.to(device)

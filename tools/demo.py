@@ -6,8 +6,10 @@
    (prompt files in ``examples/concept_*.toml``).
 3. Evaluate both through diffusers' ``load_lora_weights`` at multipliers -1, 0, 1 and print the
    before/after table; write image grids.
+4. Bake the erase LoRA into a copy of the model (``networks/merge_lora.py``, a diffusers folder) and
+   show that the merged model, with no LoRA loaded, erases "red" as the LoRA did.
 
-    bash scripts/demo.sh                # or: python -m tools.demo [--steps N] [--out DIR]
+    bash scripts/demo.sh                # or: python -m tools.demo [--steps N] [--seeds N] [--runs erase_red] [--out DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ RUNS = (
     ("erase_red", "examples/concept_erase_red.toml", 'erase "red"', []),
     ("slider_size", "examples/concept_slider_size.toml", 'slider "large" (+) / "small" (-)', []),
 )
+BAKED = "erase_red"  # the run merged into the model in step 4
 
 
 def train(model: Path, name: str, prompts: str, out: Path, steps: int, extra: list[str]) -> float:
@@ -54,7 +57,14 @@ def train(model: Path, name: str, prompts: str, out: Path, steps: int, extra: li
     ]
     print(f"\n$ accelerate launch train_leco.py ... --prompts_file {prompts} --output_name {name}", flush=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
+    # the child's output is relayed line by line, so it also shows in a notebook cell
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as child:
+        for line in child.stdout:  # text mode splits tqdm's \r updates into lines: keep the finished bars only
+            if ("it/s" in line or "s/it" in line) and "100%" not in line:
+                continue
+            print(line.rstrip("\r\n"), flush=True)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command)
     return time.perf_counter() - start
 
 
@@ -86,11 +96,40 @@ def describe(name: str, what: str, report: dict, seconds: float) -> list[str]:
     return lines
 
 
+def bake(model: Path, lora: Path, out: Path) -> Path:
+    """Merge the LoRA into a copy of the concept model (a diffusers folder) with ``networks/merge_lora.py``."""
+    from networks import merge_lora
+
+    target = out / f"{lora.stem}_merged"
+    print(f"$ python networks/merge_lora.py --sd_model {model} --save_to {target} --models {lora} --ratios 1", flush=True)
+    if merge_lora.main(["--sd_model", str(model), "--save_to", str(target), "--models", str(lora), "--ratios", "1"]) != 0:
+        raise SystemExit("merging failed")
+    return target
+
+
+def describe_merge(name: str, report: dict) -> list[str]:
+    """Lines comparing the merged model with the LoRA."""
+    lora, merged = report["lora_metrics"], report["merged_metrics"]
+    value = report["plan"]["value"]
+    row_lora, row_merged = lora["per_multiplier"][1.0], merged["per_multiplier"][1.0]
+    return [
+        f"{name} merged into the model at ratio {report['ratio']:g} ({report['merged']}, no LoRA loaded):",
+        f"  merged model: {value} drawn {row_merged['target_rate']:.0%} of the time when asked for (LoRA x1: "
+        f"{row_lora['target_rate']:.0%}); other prompts right {row_merged['preserved_other_prompts']:.0%} "
+        f"(LoRA x1: {row_lora['preserved_other_prompts']:.0%})",
+        f"  erased to chance {merged.get('erased_to_chance', 0):.2f} (LoRA: {lora.get('erased_to_chance', 0):.2f}); "
+        f"same classification as the LoRA for {report['same_classification']:.0%} of {report['samples']} samples; "
+        f"largest latent difference {report['max_latent_difference']:.1e}",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "demo_output", help="where LoRAs, grids and reports go")
     parser.add_argument("--steps", type=int, default=150, help="training steps per LoRA (default 150)")
     parser.add_argument("--seeds", type=int, default=4, help="evaluation seeds per prompt (default 4)")
+    parser.add_argument("--runs", default=",".join(name for name, *_ in RUNS),
+                        help=f"comma-separated runs to train (default all: {', '.join(name for name, *_ in RUNS)})")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
@@ -103,27 +142,42 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("library.concept_world").setLevel(logging.INFO)
 
     from library.concept_world.model import ensure_concept_model
-    from library.evaluation import EvalOptions, evaluate_concept_lora, plan_from_prompt_text
+    from library.evaluation import EvalOptions, evaluate_concept_lora, evaluate_merged_model, plan_from_prompt_text
 
+    chosen = [name.strip() for name in args.runs.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in {run[0] for run in RUNS}]
+    if unknown or not chosen:
+        parser.error(f"--runs: unknown run {unknown[0] if unknown else '(none)'}; choose from {', '.join(run[0] for run in RUNS)}")
+    runs = [run for run in RUNS if run[0] in chosen]
     started = time.perf_counter()
-    print("[1/3] concept-world model (built once, then cached) ...", flush=True)
+    print("[1/4] concept-world model (built once, then cached) ...", flush=True)
     model = ensure_concept_model()
     world = json.loads((model / "concept_world.json").read_text(encoding="utf-8"))
     print(f"      {model}  base accuracy: {world.get('base_accuracy', {}).get('accuracy')}", flush=True)
 
-    print("[2/3] training LoRAs ...", flush=True)
+    print("[2/4] training LoRAs ...", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    seconds = {name: train(model, name, prompts, args.out, args.steps, extra) for name, prompts, _, extra in RUNS}
+    seconds = {name: train(model, name, prompts, args.out, args.steps, extra) for name, prompts, _, extra in runs}
 
-    print("\n[3/3] evaluating through diffusers (load_lora_weights) ...", flush=True)
+    print("\n[3/4] evaluating through diffusers (load_lora_weights) ...", flush=True)
     summary = []
-    for name, prompts, what, _ in RUNS:
+    for name, prompts, what, _ in runs:
         lora = args.out / f"{name}.safetensors"
         plan = plan_from_prompt_text((ROOT / prompts).read_text(encoding="utf-8"))
         report, grid = evaluate_concept_lora(model, lora, plan, EvalOptions(seeds_per_prompt=args.seeds))
         (args.out / f"{name}.eval.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         grid.save(args.out / f"{name}.eval.png")
         summary += describe(name, what, report, seconds[name]) + [f"  grid: {args.out / f'{name}.eval.png'}", ""]
+    if BAKED in chosen:
+        print(f"\n[4/4] baking {BAKED} into the model and evaluating the merged model ...", flush=True)
+        lora = args.out / f"{BAKED}.safetensors"
+        merged = bake(model, lora, args.out)
+        prompts = next(run[1] for run in RUNS if run[0] == BAKED)
+        plan = plan_from_prompt_text((ROOT / prompts).read_text(encoding="utf-8"))
+        report, grid = evaluate_merged_model(model, lora, merged, plan, EvalOptions(seeds_per_prompt=args.seeds))
+        (args.out / f"{BAKED}.merged.eval.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        grid.save(args.out / f"{BAKED}.merged.eval.png")
+        summary += describe_merge(BAKED, report) + [f"  grid: {args.out / f'{BAKED}.merged.eval.png'}", ""]
     print("\n" + "\n".join(summary))
     print(f"Done in {time.perf_counter() - started:.0f} s. LoRAs, reports, grids and TensorBoard logs are in {args.out}")
     return 0

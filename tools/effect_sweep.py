@@ -5,10 +5,11 @@ file (TOML fields can be overridden per variant), evaluates it through diffusers
 ``load_lora_weights`` and prints one Markdown row: seconds, erase/enhance/slider metrics and
 preservation.
 
-    python -m tools.effect_sweep                     # every variant below (about 15 minutes on 2 cores)
+    python -m tools.effect_sweep                     # every variant below (about 25 minutes on 2 cores)
     python -m tools.effect_sweep --only erase        # variants whose name starts with "erase"
     python -m tools.effect_sweep --only erase --steps 30   # the erase variants before they saturate
     python -m tools.effect_sweep --steps 300 --json out.json
+    python -m tools.effect_sweep --only "erase layers" --steps 50 --train_seed 1   # block options, another seed
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ VARIANTS = (
     Variant("erase --leco_denoise_with_frozen", "concept_erase_red.toml", switches=("--leco_denoise_with_frozen",)),
     Variant("erase --leco_legacy_timestep", "concept_erase_red.toml", switches=("--leco_legacy_timestep",)),
     Variant("erase max_train_steps=50", "concept_erase_red.toml", flags={"max_train_steps": "50"}),
+    # Layer control (networks.lora block options). The concept world's U-Net has transformer blocks only
+    # at IN03, MID and OUT02/OUT03, so the default LoRA's 48 modules are 12 down, 12 middle, 24 up.
+    Variant("erase layers: all blocks", "concept_erase_red.toml"),
+    Variant("erase layers: up only", "concept_erase_red.toml", flags={"network_args": "down_lr_weight=zeros mid_lr_weight=0"}),
+    Variant("erase layers: down only", "concept_erase_red.toml", flags={"network_args": "up_lr_weight=zeros mid_lr_weight=0"}),
+    Variant("erase layers: down only, lr x4", "concept_erase_red.toml",
+            flags={"network_args": "down_lr_weight=zeros+4 up_lr_weight=zeros mid_lr_weight=0"}),
+    Variant("erase layers: middle only", "concept_erase_red.toml",
+            flags={"network_args": "down_lr_weight=zeros up_lr_weight=zeros"}),
+    Variant("erase layers: middle lr x2", "concept_erase_red.toml", flags={"network_args": "mid_lr_weight=2"}),
+    Variant("erase layers: middle lr x0.5", "concept_erase_red.toml", flags={"network_args": "mid_lr_weight=0.5"}),
+    Variant("erase layers: up + middle", "concept_erase_red.toml", flags={"network_args": "down_lr_weight=zeros"}),
+    Variant("erase layers: LoRA+ ratio 4", "concept_erase_red.toml", flags={"network_args": "loraplus_lr_ratio=4"}),
     Variant("slider default", "concept_slider_size.toml", eval_multipliers=SLIDER_WEIGHTS),
     Variant("slider guidance_scale=2", "concept_slider_size.toml", toml={"guidance_scale": 2.0}, eval_multipliers=SLIDER_WEIGHTS),
     Variant("enhance default", "concept_enhance_small.toml"),
@@ -83,7 +97,7 @@ def override_toml(text: str, values: dict) -> str:
     return text
 
 
-def run_variant(model: Path, variant: Variant, steps: int, out: Path, seeds: int) -> dict:
+def run_variant(model: Path, variant: Variant, steps: int, out: Path, seeds: int, train_seed: int = 0) -> dict:
     """Train and evaluate one variant; returns its metrics and timings."""
     import train_leco
     from library.evaluation import EvalOptions, evaluate_concept_lora, plan_from_prompt_text
@@ -92,7 +106,7 @@ def run_variant(model: Path, variant: Variant, steps: int, out: Path, seeds: int
     slug = re.sub(r"[^a-z0-9]+", "_", variant.name.lower()).strip("_")
     prompts = out / f"{slug}.toml"
     prompts.write_text(text, encoding="utf-8")
-    flags = {**BASE_FLAGS, "max_train_steps": str(steps), **variant.flags}
+    flags = {**BASE_FLAGS, "seed": str(train_seed), "max_train_steps": str(steps), **variant.flags}
     argv = ["--pretrained_model_name_or_path", str(model), "--prompts_file", str(prompts), "--output_dir", str(out),
             "--output_name", slug, "--console_log_level", "WARNING"]
     for key, value in flags.items():
@@ -132,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="training steps per LoRA (default 150, as the demo)")
     parser.add_argument("--seeds", type=int, default=4, help="evaluation seeds per prompt (default 4, as the effect tests)")
+    parser.add_argument("--train_seed", type=int, default=0, help="training --seed of every variant (default 0)")
     parser.add_argument("--only", nargs="*", default=None, help="run only variants whose names start with one of these")
     parser.add_argument("--out", type=Path, default=None, help="keep LoRAs, grids and prompt files here")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this file")
@@ -155,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(scratch)
         out.mkdir(parents=True, exist_ok=True)
         for variant in variants:
-            result = run_variant(model, variant, args.steps, out, args.seeds)
+            result = run_variant(model, variant, args.steps, out, args.seeds, args.train_seed)
             results.append(result)
             print(markdown_row(result), flush=True)
     if args.json:

@@ -9,7 +9,12 @@ Example::
 
     python tools/make_random_checkpoint.py /tmp/sd15_random.safetensors --dtype fp16
 
-Measured on a 2-core CPU machine for SD 1.5: see the project notes (the script prints build
+``--streaming`` skips building the models: the tensor names and shapes come from the models
+instantiated on the ``meta`` device, and each tensor is filled with N(0, 0.02) noise (tiled from a pool of 4M values) and written
+as soon as it exists (peak memory: one tensor). The weights are not the models' own
+initialisation, which does not matter for I/O and merge benchmarks (not for training).
+
+Measured on a 2-core CPU machine for SD 1.5: see docs/performance.md (the script prints build
 time, write time, peak RSS and file size).
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import resource
 import sys
 import time
@@ -66,6 +72,49 @@ def build_random_models(
     return models
 
 
+def ldm_layout(config_dir: Path, kind: str, dtype: torch.dtype = torch.float32, with_vae: bool = True) -> dict[str, torch.Size]:
+    """Names and shapes of the original-layout checkpoint of a config folder, without allocating weights."""
+    from library import ldm_convert as lc
+
+    with torch.device("meta"):
+        models = build_random_models(config_dir, kind, dtype=dtype, with_vae=with_vae)
+        unet, text = models["unet"], models["text_encoder"]
+        state = lc.convert_unet_state_dict(unet.state_dict(), unet.config)
+        if kind == "sd1":
+            state.update(lc.convert_clip_text_state_dict(text, lc.SD1_TEXT_PREFIX))
+        elif kind == "sd2":
+            pad = text.config.num_hidden_layers == lc.SD2_HF_TEXT_LAYERS
+            state.update(lc.convert_open_clip_state_dict(text, lc.SD2_TEXT_PREFIX, pad_extra_layer=pad))
+        else:
+            state.update(lc.convert_clip_text_state_dict(text, lc.SDXL_TEXT1_PREFIX))
+            state.update(lc.convert_open_clip_state_dict(models["text_encoder_2"], lc.SDXL_TEXT2_PREFIX))
+        if with_vae:
+            state.update(lc.convert_vae_state_dict(models["vae"].state_dict(), models["vae"].config))
+    return {key: value.shape for key, value in state.items()}
+
+
+def write_streaming_checkpoint(path: Path, config_dir: Path, kind: str, dtype: torch.dtype = torch.float16,
+                               seed: int = 0, with_vae: bool = True) -> Path:
+    """Write a random-weight checkpoint tensor by tensor (N(0, 0.02) noise tiled from a 4M-value pool; peak memory one tensor)."""
+    from library.safetensors_stream import StreamingSafetensorsWriter
+
+    layout = ldm_layout(config_dir, kind, with_vae=with_vae)
+    generator = torch.Generator().manual_seed(seed)
+    # drawing 1e9 normal values takes ~30 s on one core; tiling a 4M-value pool from random offsets ~3 s
+    pool = (torch.randn(1 << 22, generator=generator) * 0.02).to(dtype)
+    entries = [(key, dtype, shape) for key, shape in layout.items()]
+    with StreamingSafetensorsWriter(path, entries, {"format": "pt"}) as writer:
+        for key, _, shape in entries:
+            count = math.prod(shape)
+            start = int(torch.randint(len(pool), (1,), generator=generator))
+            if start + count <= len(pool):
+                values = pool[start:start + count]
+            else:
+                values = pool.repeat(-(-(start + count) // len(pool)))[start:start + count]
+            writer.write(key, values.reshape(shape))
+    return path
+
+
 def _peak_rss_gib() -> float:
     """Peak resident set size of this process so far, in GiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
@@ -82,6 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="storage dtype (fp16 halves the size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-vae", action="store_true", help="omit the VAE (first_stage_model.*)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="write N(0, 0.02) noise tensor by tensor without building the models (seconds, ~no memory)")
     return parser.parse_args(argv)
 
 
@@ -94,6 +145,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise FileNotFoundError(f"{args.config} is not a diffusers config folder (no unet/config.json)")
     kind = args.kind or infer_kind(args.config)
     start = time.perf_counter()
+    if args.streaming:
+        path = write_streaming_checkpoint(args.output, args.config, kind, DTYPES[args.dtype], args.seed, with_vae=not args.no_vae)
+        stats = {"write_s": time.perf_counter() - start, "peak_rss_gib": _peak_rss_gib(), "file_gib": path.stat().st_size / 2**30}
+        print(f"{kind} {args.dtype} (streamed noise) -> {path}: {stats['write_s']:.1f} s, peak RSS {stats['peak_rss_gib']:.2f} GiB, "
+              f"file {stats['file_gib']:.2f} GiB")
+        return stats
     models = build_random_models(args.config, kind, args.seed, DTYPES[args.dtype], with_vae=not args.no_vae)
     built = time.perf_counter()
     path = save_single_file(args.output, kind=kind, **models)

@@ -3,7 +3,7 @@
 U-Net calls per step: k for the trajectory (CFG halves batched together, none when the denoise
 guidance is 1), one batched call for the frozen predictions (each distinct prompt once, LoRA
 switched off), and one training forward with the LoRA at the setting's multiplier (the only
-call with a gradient).
+call with a gradient; a setting with ``anchors`` adds one more, for all its anchors at once).
 """
 
 from __future__ import annotations
@@ -131,9 +131,10 @@ class LecoStep:
     @torch.no_grad()
     def frozen_predictions(self, setting: PromptSetting, latents: torch.Tensor, timesteps: torch.Tensor,
                            time_ids) -> dict[str, torch.Tensor]:
-        """Frozen-model predictions for positive/neutral/unconditional, each distinct prompt once, one call."""
+        """Frozen-model predictions for positive/neutral/unconditional (and the anchors), each distinct prompt
+        once, one call; a preserve setting needs only its own prompt's."""
         needed = [setting.neutral] if setting.action == "preserve" else [setting.positive, setting.neutral, setting.unconditional]
-        prompts = list(dict.fromkeys(needed))
+        prompts = list(dict.fromkeys(needed + list(setting.anchors)))
         batch = latents.shape[0]
         cond = self.conditioning([prompt for prompt in prompts for _ in range(batch)], time_ids)
         with self.network.multiplier_context(0.0):
@@ -168,7 +169,23 @@ class LecoStep:
         self.network.set_multiplier(setting.multiplier)
         prediction = self.predict(latents, timesteps, cond)
         losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(steps_on_cpu))
-        return (losses * self.loss_weights(steps_on_cpu).to(losses.device)).mean() * setting.weight
+        loss = (losses * self.loss_weights(steps_on_cpu).to(losses.device)).mean() * setting.weight
+        if setting.anchors:
+            loss = loss + self.anchor_loss(setting, latents, timesteps, steps_on_cpu, frozen, time_ids)
+        return loss
+
+    def anchor_loss(self, setting: PromptSetting, latents: torch.Tensor, timesteps: torch.Tensor, steps_on_cpu: torch.Tensor,
+                    frozen: dict[str, torch.Tensor], time_ids) -> torch.Tensor:
+        """The setting's anchors held where the frozen model has them, at the same x_t (issue 12):
+        ``weight * anchor_weight * sum_a loss(LoRA(x_t, a), frozen(x_t, a))``, one LoRA call for all anchors."""
+        count, batch = len(setting.anchors), latents.shape[0]
+        cond = self.conditioning([anchor for anchor in setting.anchors for _ in range(batch)], time_ids)
+        prediction = self.predict(latents.repeat(count, 1, 1, 1), timesteps.repeat(count), cond)  # (count*B, 4, h, w)
+        target = torch.cat([frozen[anchor] for anchor in setting.anchors])
+        steps = steps_on_cpu.repeat(count)
+        losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(steps))
+        weighted = (losses * self.loss_weights(steps).to(losses.device)).view(count, batch)
+        return weighted.mean(dim=1).sum() * setting.anchor_weight * setting.weight
 
     def __call__(self, setting: PromptSetting, generator: torch.Generator) -> StepResult:
         """Draw x_t for ``setting`` and return its loss (call ``backward`` on ``result.loss``)."""

@@ -8,18 +8,23 @@ from red. Contexts come from a ``contexts`` list and/or a ``context_prompt_file`
 line), given on the entry or at the top level (an entry that declares either key uses only its
 own contexts).
 
-A **preserve** entry (``action = "preserve"``) is an anchor: the LoRA's prediction for its
-``target`` is regressed onto the frozen model's prediction for the same prompt, so the LoRA
-learns to leave that prompt alone.
+Preservation anchors come in two forms. A **preserve** entry (``action = "preserve"``) is a
+setting of its own: the LoRA's prediction for its ``target`` is regressed onto the frozen model's
+prediction for the same prompt, at x_t from its own trajectory. An entry's **anchors** list is
+trained along with the entry, at the same x_t: every step that draws the entry also regresses the
+LoRA's prediction for each anchor (put into the context like the other prompts) onto the frozen
+one, with ``anchor_weight``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Protocol
 
 CONTEXT_KEYS = ("contexts", "context_prompt_file")
+ANCHOR_KEYS = ("anchors", "anchor_weight")
 PLACEHOLDER = "{}"
 # Keys a preserve entry must not set: it has no concept offset to build.
 PRESERVE_FORBIDDEN_KEYS = ("positive", "neutral", "guidance_scale")
@@ -125,3 +130,43 @@ def check_preserve_entry(entry: dict, where: Where) -> None:
 def context_label(context: str | None) -> str:
     """The suffix of a setting's ``source`` for one context (empty without contexts)."""
     return "" if context is None else f" context {context!r}"
+
+
+def anchors_of(entry: dict, defaults: dict, target: str | None, action: str, where: Where) -> tuple[list[str], float]:
+    """The anchors and anchor weight of an entry: its own ``anchors``, else the top-level ones.
+
+    Args:
+        entry: the ``[[prompts]]`` table (or the top-level table, to check the defaults).
+        defaults: the top-level values (``{}`` when checking the top level itself).
+        target: the entry's target; an anchor equal to it is an error (None: not checked).
+        action: the entry's action; a preserve entry is an anchor itself and takes no anchors.
+        where: error location.
+
+    Returns:
+        ``(anchors, anchor_weight)``, anchors de-duplicated in order (empty when none are declared).
+    """
+    if action == "preserve":
+        for key in ANCHOR_KEYS:
+            if key in entry:
+                raise where.error(f"a preserve entry is an anchor itself; remove '{key}'", key)
+        return [], 1.0
+    source = entry if "anchors" in entry else defaults
+    anchors: list[str] = []
+    if "anchors" in source:
+        value = source["anchors"]
+        if not isinstance(value, list) or not value:
+            raise where.error("must be a non-empty array of strings (prompts the LoRA must leave as they are)", "anchors")
+        for item in value:
+            if not isinstance(item, str):
+                raise where.error(f"must be an array of strings, got an item {item!r}", "anchors")
+            if target is not None and item.strip() == target.strip():
+                raise where.error(f"anchor {item!r} is the entry's own target; the LoRA cannot both change and keep it", "anchors")
+            anchors.append(item)
+    weight = entry.get("anchor_weight", defaults.get("anchor_weight", 1.0))
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise where.error(f"must be a finite number, got {weight!r}", "anchor_weight")
+    if weight <= 0:
+        raise where.error(f"must be > 0, got {weight}", "anchor_weight")
+    if "anchor_weight" in entry and not anchors and target is not None:
+        raise where.error("anchor_weight needs an 'anchors' list (here or at the top level)", "anchor_weight")
+    return list(dict.fromkeys(anchors)), float(weight)

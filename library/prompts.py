@@ -28,7 +28,9 @@ from typing import Any
 
 from library.errors import UserError
 from library.prompt_contexts import (
+    ANCHOR_KEYS,
     CONTEXT_KEYS,
+    anchors_of,
     check_preserve_entry,
     context_label,
     contexts_of,
@@ -47,7 +49,7 @@ ACTIONS = ("erase", "enhance", "preserve")
 PROMPT_KEYS = (
     "target", "positive", "unconditional", "neutral", "action", "guidance_scale", "resolution",
     "batch_size", "multiplier", "weight", "dynamic_resolution", "dynamic_crops",
-) + CONTEXT_KEYS
+) + CONTEXT_KEYS + ANCHOR_KEYS
 TARGET_KEYS = (
     "target_class", "positive", "negative", "multiplier", "weight", "guidance_scale", "resolution",
     "resolutions", "batch_size", "neutral", "neutrals", "neutral_prompt_file", "dynamic_resolution",
@@ -56,7 +58,7 @@ TARGET_KEYS = (
 # Top-level keys that are defaults for both tables, and those that only [[targets]] read.
 SHARED_DEFAULT_KEYS = ("guidance_scale", "resolution", "batch_size", "dynamic_resolution", "dynamic_crops")
 TARGET_ONLY_DEFAULT_KEYS = ("resolutions", "neutral", "neutrals", "neutral_prompt_file")
-TOP_LEVEL_KEYS = ("prompts", "targets") + SHARED_DEFAULT_KEYS + TARGET_ONLY_DEFAULT_KEYS + CONTEXT_KEYS
+TOP_LEVEL_KEYS = ("prompts", "targets") + SHARED_DEFAULT_KEYS + TARGET_ONLY_DEFAULT_KEYS + CONTEXT_KEYS + ANCHOR_KEYS
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "guidance_scale": 1.0,
@@ -94,6 +96,8 @@ class PromptSetting:
     dynamic_resolution: bool = False
     dynamic_crops: bool = False
     source: str = ""  # where it came from, e.g. "[[targets]][1] +"
+    anchors: tuple[str, ...] = ()  # prompts held at the frozen prediction at this setting's x_t (issue 12)
+    anchor_weight: float = 1.0
 
     @property
     def log_group(self) -> str:
@@ -106,7 +110,7 @@ class PromptSetting:
     @property
     def prompts(self) -> tuple[str, ...]:
         """Every prompt this setting needs encoded."""
-        return (self.target, self.positive, self.unconditional, self.neutral)
+        return (self.target, self.positive, self.unconditional, self.neutral, *self.anchors)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly view (used in metadata and logs)."""
@@ -124,6 +128,8 @@ class PromptSetting:
             "dynamic_resolution": self.dynamic_resolution,
             "dynamic_crops": self.dynamic_crops,
             "source": self.source,
+            "anchors": list(self.anchors),
+            "anchor_weight": self.anchor_weight,
         }
 
 
@@ -350,6 +356,7 @@ def _expand_prompt_entry(entry: dict, defaults: dict, default_contexts: list[str
     common = _common_fields(merged, where)
     unconditional = _as_str(merged["unconditional"], "unconditional", where)
     neutral = _as_str(merged["neutral"], "neutral", where)
+    anchors, anchor_weight = anchors_of(entry, defaults, target, action, where)
     if action == "preserve":  # an anchor: regress onto the frozen prediction for the target itself
         check_preserve_entry(entry, where)
         positive = neutral = target
@@ -358,12 +365,14 @@ def _expand_prompt_entry(entry: dict, defaults: dict, default_contexts: list[str
     if contexts is None:
         contexts = default_contexts
     prompts = {"target": target, "positive": positive, "unconditional": unconditional, "neutral": neutral}
-    return [
-        _setting(common, resolution, common.multiplier, where.entry + context_label(context), action=action,
-                 **{name: text if context is None else put_in_context(context, text) for name, text in prompts.items()})
-        for context in (contexts or [None])
-        for resolution in common.resolutions
-    ]
+    settings = []
+    for context in contexts or [None]:
+        place = (lambda text: text) if context is None else (lambda text, c=context: put_in_context(c, text))
+        for resolution in common.resolutions:
+            setting = _setting(common, resolution, common.multiplier, where.entry + context_label(context), action=action,
+                               **{name: place(text) for name, text in prompts.items()})
+            settings.append(replace(setting, anchors=tuple(dict.fromkeys(map(place, anchors))), anchor_weight=anchor_weight))
+    return settings
 
 
 def _setting(common: _Common, resolution: tuple[int, int], multiplier: float, source: str, **prompts: str) -> PromptSetting:
@@ -469,9 +478,9 @@ def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml
     if not prompt_entries and not target_entries:
         raise top.error("no [[prompts]] or [[targets]] entries found (see docs/train_leco.md)")
     if not prompt_entries:
-        for key in CONTEXT_KEYS:
+        for key in CONTEXT_KEYS + ANCHOR_KEYS:
             if key in data:
-                raise top.error(f"'{key}' is a default for [[prompts]] only; [[targets]] take 'neutrals'", key)
+                raise top.error(f"'{key}' is a default for [[prompts]] only and the file has no [[prompts]] entry", key)
     if not target_entries:
         for key in TARGET_ONLY_DEFAULT_KEYS:
             if key in data:
@@ -481,12 +490,15 @@ def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml
     _check_top_level_defaults(data, top)
     shared = {key: data[key] for key in SHARED_DEFAULT_KEYS if key in data}
     target_defaults = {**shared, **({"resolutions": data["resolutions"]} if "resolutions" in data else {})}
+    anchors_of(data, {}, None, "erase", top)  # top-level anchors are checked where they are written
+    prompt_defaults = {**shared, **{key: data[key] for key in ANCHOR_KEYS if key in data}}
     default_neutrals = _neutrals_of(data, base_dir, top)
     default_contexts = contexts_of(data, base_dir, top)
 
     settings: list[PromptSetting] = []
     for index, entry in enumerate(prompt_entries, start=1):
-        settings += _expand_prompt_entry(entry, shared, default_contexts, base_dir, _Where(file_label, f"[[prompts]][{index}]"))
+        settings += _expand_prompt_entry(entry, prompt_defaults, default_contexts, base_dir,
+                                         _Where(file_label, f"[[prompts]][{index}]"))
     for index, entry in enumerate(target_entries, start=1):
         where = _Where(file_label, f"[[targets]][{index}]")
         settings += _expand_target_entry(entry, target_defaults, default_neutrals, base_dir, where)

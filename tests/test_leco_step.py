@@ -198,3 +198,27 @@ def test_preserve_anchor_regresses_the_lora_onto_the_frozen_prediction(sd_step):
     recorder = CallRecorder(sd_step)
     result = sd_step(anchor, torch.Generator().manual_seed(10))
     assert recorder.calls[result.denoise_steps]["batch"] == 2  # the frozen call holds the target only
+
+
+def test_anchors_are_held_at_the_frozen_prediction_at_the_same_xt(sd_step):
+    """An entry's anchors list (issue 12): the loss adds, at the setting's own x_t,
+    weight * anchor_weight * sum over anchors of mean((LoRA(x_t, a) - frozen(x_t, a))^2), by hand."""
+    anchored = dataclasses.replace(SETTING, anchors=("a photo", "van gogh painting"), anchor_weight=0.5, weight=2.0)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    timesteps = torch.full((2,), 250)
+    assert set(sd_step.frozen_predictions(anchored, latents, timesteps, None)) == {"van gogh", "", "a photo", "van gogh painting"}
+    expected = sd_step.loss_at(SETTING, latents, 250, None).item() * 2.0
+    for anchor in anchored.anchors:
+        cond = sd_step.conditioning([anchor] * 2, None)
+        with torch.no_grad():
+            with sd_step.network.multiplier_context(0.0):
+                frozen = sd_step.predict(latents, timesteps, cond)
+            with sd_step.network.multiplier_context(1.0):
+                with_lora = sd_step.predict(latents, timesteps, cond)
+        expected += 2.0 * 0.5 * (with_lora - frozen).pow(2).mean().item()
+    assert sd_step.loss_at(anchored, latents, 250, None).item() == pytest.approx(expected, rel=1e-5)
+    recorder = CallRecorder(sd_step)
+    result = sd_step(anchored, torch.Generator().manual_seed(12))
+    k = result.denoise_steps
+    assert [call["batch"] for call in recorder.calls[k:]] == [8, 2, 4]  # frozen (4 prompts), target, both anchors
+    assert recorder.calls[-1]["grad"] and recorder.calls[-1]["multiplier"] == 1.0

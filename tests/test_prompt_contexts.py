@@ -140,3 +140,45 @@ action = "preserve"
         ("a large green square", "a large green square", "a large square", "a large green square", "preserve"),
         ("green", "green", "", "green", "preserve"),
     ]
+
+
+def test_anchors_are_put_into_each_context():
+    text = """
+contexts = ["{}", "a {} circle"]
+
+[[prompts]]
+target = "red"
+anchors = ["", "green", ""]
+anchor_weight = 2.0
+"""
+    settings = parse_prompt_text(text, Path("."), "t.toml")
+    assert [(s.target, s.anchors, s.anchor_weight) for s in settings] == [
+        ("red", ("", "green"), 2.0), ("a red circle", ("a circle", "a green circle"), 2.0)]
+    assert settings[1].prompts == ("a red circle", "a red circle", "a circle", "a circle", "a circle", "a green circle")
+    assert settings[1].as_dict()["anchors"] == ["a circle", "a green circle"]
+
+
+def test_top_level_anchors_are_defaults_and_preserve_entries_take_none():
+    text = """
+anchors = [""]
+anchor_weight = 0.5
+
+[[prompts]]
+target = "red"
+
+[[prompts]]
+target = "blue"
+anchors = ["green"]
+
+[[prompts]]
+target = "yellow"
+action = "preserve"
+"""
+    settings = parse_prompt_text(text, Path("."), "t.toml")
+    assert [(s.target, s.anchors, s.anchor_weight) for s in settings] == [
+        ("red", ("",), 0.5), ("blue", ("green",), 0.5), ("yellow", (), 1.0)]
+
+
+def test_without_anchors_a_setting_has_none():
+    (setting,) = parse_prompt_text('[[prompts]]\ntarget = "red"\n', Path("."), "t.toml")
+    assert (setting.anchors, setting.anchor_weight) == ((), 1.0) and setting.prompts == ("red", "red", "", "")

@@ -645,6 +645,18 @@ BAD_FILES = {
     "preserve_with_guidance_scale": (P + 'action = "preserve"\nguidance_scale = 2.0\n', "[[prompts]][1]",
                                      ["guidance_scale", "preserve"]),
     "action_preserve_typo": (P + 'action = "preserv"\n', "[[prompts]][1]", ["action", "did you mean 'preserve'?"]),
+    "anchors_not_a_list": (P + 'anchors = ""\n', "[[prompts]][1]", ["anchors", "array"]),
+    "anchors_empty_list": (P + "anchors = []\n", "[[prompts]][1]", ["anchors", "non-empty"]),
+    "anchors_list_of_ints": (P + "anchors = [2]\n", "[[prompts]][1]", ["anchors", "2"]),
+    "anchor_is_the_target": (P + 'anchors = ["", "t"]\n', "[[prompts]][1]", ["anchors", "'t'", "target"]),
+    "anchors_top_level_bad": ("anchors = [1]\n" + P, "top level", ["anchors"]),
+    "anchor_weight_zero": (P + 'anchors = [""]\nanchor_weight = 0\n', "[[prompts]][1]", ["anchor_weight", "> 0"]),
+    "anchor_weight_string": (P + 'anchors = [""]\nanchor_weight = "2"\n', "[[prompts]][1]", ["anchor_weight", "number"]),
+    "anchor_weight_nan": ("anchor_weight = nan\n" + P, "top level", ["anchor_weight", "finite"]),
+    "anchor_weight_without_anchors": (P + "anchor_weight = 2.0\n", "[[prompts]][1]", ["anchor_weight", "'anchors'"]),
+    "anchors_in_preserve_entry": (P + 'action = "preserve"\nanchors = [""]\n', "[[prompts]][1]", ["anchors", "preserve"]),
+    "anchors_in_targets": (T + 'anchors = [""]\n', "[[targets]][1]", ["unknown key 'anchors'"]),
+    "top_level_anchors_targets_only": ('anchors = [""]\n' + T, "top level", ["'anchors'", "[[prompts]] only"]),
 }
 
 

@@ -182,3 +182,35 @@ action = "preserve"
 def test_without_anchors_a_setting_has_none():
     (setting,) = parse_prompt_text('[[prompts]]\ntarget = "red"\n', Path("."), "t.toml")
     assert (setting.anchors, setting.anchor_weight) == ((), 1.0) and setting.prompts == ("red", "red", "", "")
+
+
+def test_training_with_contexts_and_both_anchor_forms(tiny_sd_dir, tmp_path, caplog):
+    """End to end on a tiny SD model: every context, anchor and preserve prompt is encoded, each
+    kind of setting trains, and the metadata keeps the prompt file as written."""
+    import logging
+
+    import train_leco
+    from networks.lora_files import read_lora_metadata
+    from tests.helpers import base_argv
+
+    (tmp_path / "contexts.txt").write_text("{}\na photo of {}\n", encoding="utf-8")
+    text = """resolution = 64
+context_prompt_file = "contexts.txt"
+
+[[prompts]]
+target = "van gogh"
+anchors = ["", "monet"]
+
+[[prompts]]
+target = "a cat"
+action = "preserve"
+"""
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(text, encoding="utf-8")
+    with caplog.at_level(logging.INFO):
+        assert train_leco.main(base_argv(tiny_sd_dir, prompts, tmp_path / "out", steps=6)) == 0
+    assert "prompt settings: 4 (2 erase, 2 preserve)" in caplog.text
+    assert set(load_prompt_file(prompts).all_prompts) == {
+        "van gogh", "", "monet", "a photo of van gogh", "a photo of", "a photo of monet", "a cat", "a photo of a cat"}
+    assert "cached 8 prompt embeddings" in caplog.text
+    assert read_lora_metadata(tmp_path / "out" / "leco.safetensors")["ss_leco_prompts"] == text

@@ -159,6 +159,10 @@ def _add_leco_args(group) -> None:
                        help="make x_t with the frozen model instead of the LoRA being trained")
     group.add_argument("--leco_denoise_sampler", default="ddpm", choices=["ddpm", "ddim"],
                        help="sampler of the partial denoising pass (default ddpm, as sd-scripts)")
+    group.add_argument("--leco_trajectory", default="fresh", choices=["fresh", "persistent"],
+                       help="fresh: every step denoises new noise k steps (default, as sd-scripts); persistent: keep "
+                            "batch_size sampling chains per setting, staggered over the schedule, and advance them one "
+                            "step per training step, so a step costs one CFG call whatever N is (see docs/train_leco.md)")
     group.add_argument("--leco_legacy_timestep", action="store_true",
                        help="query x_t at 999 - k*1000/N like sd-scripts/p1atdev (about one step noisier than x_t is); "
                             "for parity only")

@@ -310,6 +310,7 @@ def build_run_config(args: argparse.Namespace, family: str) -> RunConfig:
         denoise_with_frozen=args.leco_denoise_with_frozen,
         denoise_sampler=args.leco_denoise_sampler,
         legacy_timestep=args.leco_legacy_timestep,
+        trajectory=args.leco_trajectory,
         loss_type=args.loss_type,
         huber_c=args.huber_c,
         huber_schedule=args.huber_schedule,

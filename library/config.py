@@ -76,6 +76,7 @@ class LecoConfig:
     denoise_with_frozen: bool = False
     denoise_sampler: str = "ddpm"
     legacy_timestep: bool = False
+    trajectory: str = "fresh"  # "fresh" or "persistent" (library.trajectories)
     loss_type: str = "l2"
     huber_c: float = 0.1
     huber_schedule: str = "snr"

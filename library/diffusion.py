@@ -37,6 +37,27 @@ def fitting_steps_offset(scheduler_config: dict, num_inference_steps: int | None
     return max(0, min(int(offset), room))
 
 
+def schedule_options(scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool = False,
+                     num_inference_steps: int | None = None) -> dict:
+    """Keyword arguments that put any diffusers scheduler on the model's own noise schedule.
+
+    The betas, the number of training timesteps, ``steps_offset`` (lowered where N steps would not
+    fit, see :func:`fitting_steps_offset`) and ``timestep_spacing`` come from the model's config;
+    ``prediction_type`` is how the U-Net's output is read; with zero terminal SNR the betas are
+    rescaled and spacing is "trailing" so that sampling starts at the pure-noise timestep. The
+    trajectory's DDPM/DDIM and the sample images' samplers share this, so both sample the same model.
+    """
+    options = {key: scheduler_config[key] for key in _SCHEDULE_KEYS if scheduler_config.get(key) is not None}
+    if "steps_offset" in options and not zero_terminal_snr:
+        options["steps_offset"] = fitting_steps_offset(scheduler_config, num_inference_steps)
+    options.update(
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_terminal_snr,
+        timestep_spacing="trailing" if zero_terminal_snr else scheduler_config.get("timestep_spacing", "leading"),
+    )
+    return options
+
+
 def build_noise_scheduler(
     scheduler_config: dict,
     prediction_type: str,
@@ -56,19 +77,10 @@ def build_noise_scheduler(
         num_inference_steps: the N the scheduler will be set to; where "leading" spacing with the
             model's ``steps_offset`` would not fit N steps (N = 1000), the offset is lowered.
     """
-    schedule = {key: scheduler_config[key] for key in _SCHEDULE_KEYS if scheduler_config.get(key) is not None}
-    if "steps_offset" in schedule and not zero_terminal_snr:
-        schedule["steps_offset"] = fitting_steps_offset(scheduler_config, num_inference_steps)
-    common = dict(
-        schedule,
-        prediction_type=prediction_type,
-        clip_sample=False,
-        rescale_betas_zero_snr=zero_terminal_snr,
-        timestep_spacing="trailing" if zero_terminal_snr else scheduler_config.get("timestep_spacing", "leading"),
-    )
+    options = schedule_options(scheduler_config, prediction_type, zero_terminal_snr, num_inference_steps)
     if sampler == "ddim":
-        return DDIMScheduler(**common, set_alpha_to_one=False)
-    return DDPMScheduler(**common, variance_type="fixed_small")
+        return DDIMScheduler(**options, clip_sample=False, set_alpha_to_one=False)
+    return DDPMScheduler(**options, clip_sample=False, variance_type="fixed_small")
 
 
 def snr_table(scheduler) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 
 from library.config import LecoConfig
 from library.diffusion import build_noise_scheduler, initial_latents, legacy_timestep, partial_denoise, snr_table
+from library.pole_pairs import pair_loss
 from library.prompts import PromptSetting
 from library.targets import build_target, huber_threshold, min_snr_weights, per_sample_loss
 from library.text_encoding import Conditioning, PromptCache
@@ -54,8 +55,8 @@ class StepResult:
 
     loss: torch.Tensor  # scalar, with grad
     setting: PromptSetting
-    timestep: int
-    denoise_steps: int
+    timestep: float  # the batch's mean when its samples sit at different timesteps (persistent chains)
+    denoise_steps: float
 
 
 class LecoStep:
@@ -89,6 +90,7 @@ class LecoStep:
                                                config.max_denoising_steps)
         self.snr = snr_table(self.scheduler)
         self.dtype = next(unet.parameters()).dtype
+        self.partners: dict[PromptSetting, PromptSetting] = {}  # slider poles trained together (pole_pairs)
 
     # --- building blocks -----------------------------------------------------------------
 
@@ -98,8 +100,9 @@ class LecoStep:
             return self.unet(latents.to(self.dtype), timesteps, **cond.unet_kwargs()).sample
 
     def conditioning(self, prompts: Sequence[str], time_ids: torch.Tensor | None) -> Conditioning:
-        """Cached embeddings of ``prompts`` (one row each), with SDXL time ids broadcast to every row."""
-        rows = None if time_ids is None else time_ids.to(self.device).expand(len(prompts), -1)
+        """Cached embeddings of ``prompts`` (one row each), with SDXL time ids, (6,) or (B, 6), tiled over the rows."""
+        rows = None if time_ids is None else time_ids.to(self.device).reshape(-1, time_ids.shape[-1])
+        rows = None if rows is None else rows.repeat(len(prompts) // rows.shape[0], 1)
         return self.cache.conditioning(list(prompts), rows)
 
     def draw_denoise_steps(self, generator: torch.Generator) -> int:
@@ -129,12 +132,14 @@ class LecoStep:
         return latents.detach(), t, k
 
     @torch.no_grad()
-    def frozen_predictions(self, setting: PromptSetting, latents: torch.Tensor, timesteps: torch.Tensor,
-                           time_ids) -> dict[str, torch.Tensor]:
-        """Frozen-model predictions for positive/neutral/unconditional (and the anchors), each distinct prompt
-        once, one call; a preserve setting needs only its own prompt's."""
-        needed = [setting.neutral] if setting.action == "preserve" else [setting.positive, setting.neutral, setting.unconditional]
-        prompts = list(dict.fromkeys(needed + list(setting.anchors)))
+    def frozen_predictions(self, setting: PromptSetting | Sequence[PromptSetting], latents: torch.Tensor,
+                           timesteps: torch.Tensor, time_ids) -> dict[str, torch.Tensor]:
+        """Frozen-model predictions for positive/neutral/unconditional and the anchors (of one setting or
+        several sharing ``latents``), each distinct prompt once, one call; a preserve setting needs only
+        its own prompt's."""
+        settings = tuple(setting) if isinstance(setting, (list, tuple)) else (setting,)
+        prompts = list(dict.fromkeys(p for s in settings for p in (
+            (s.neutral,) if s.action == "preserve" else (s.positive, s.neutral, s.unconditional, *s.anchors))))
         batch = latents.shape[0]
         cond = self.conditioning([prompt for prompt in prompts for _ in range(batch)], time_ids)
         with self.network.multiplier_context(0.0):
@@ -155,9 +160,14 @@ class LecoStep:
 
     # --- the step -------------------------------------------------------------------------
 
-    def loss_at(self, setting: PromptSetting, latents: torch.Tensor, timestep: int, time_ids) -> torch.Tensor:
-        """The LECO loss for a given x_t: frozen target, then the LoRA's prediction (with grad)."""
-        steps_on_cpu = torch.full((latents.shape[0],), timestep, dtype=torch.long)  # for table lookups
+    def loss_at(self, setting: PromptSetting, latents: torch.Tensor, timestep: int | torch.Tensor, time_ids) -> torch.Tensor:
+        """The LECO loss for a given x_t: frozen target, then the LoRA's prediction (with grad).
+
+        ``timestep``: one for the batch, or (B,) per sample (persistent chains)."""
+        if isinstance(timestep, torch.Tensor):
+            steps_on_cpu = timestep.detach().to(device="cpu", dtype=torch.long)  # for table lookups
+        else:
+            steps_on_cpu = torch.full((latents.shape[0],), timestep, dtype=torch.long)
         timesteps = steps_on_cpu.to(self.device)
         frozen = self.frozen_predictions(setting, latents, timesteps, time_ids)
         if setting.action == "preserve":  # an anchor: the frozen model's own prediction for the prompt
@@ -187,6 +197,15 @@ class LecoStep:
         weighted = (losses * self.loss_weights(steps).to(losses.device)).view(count, batch)
         return weighted.mean(dim=1).sum() * setting.anchor_weight * setting.weight
 
+    def setting_loss(self, setting: PromptSetting, latents: torch.Tensor, timestep: int | torch.Tensor, time_ids) -> torch.Tensor:
+        """:meth:`loss_at`, or both slider poles from this x_t where ``setting`` has a partner."""
+        partner = self.partners.get(setting)
+        if partner is None:
+            return self.loss_at(setting, latents, timestep, time_ids)
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.full((latents.shape[0],), timestep, dtype=torch.long)
+        return pair_loss(self, setting, partner, latents, timestep, time_ids)
+
     def __call__(self, setting: PromptSetting, generator: torch.Generator) -> StepResult:
         """Draw x_t for ``setting`` and return its loss (call ``backward`` on ``result.loss``)."""
         height, width = setting.resolution
@@ -194,5 +213,5 @@ class LecoStep:
             height, width = random_resolution(height, width, generator)
         time_ids = self.time_ids_fn(height, width, generator, setting.dynamic_crops)
         latents, timestep, k = self.make_xt(setting, height, width, time_ids, generator)
-        loss = self.loss_at(setting, latents, timestep, time_ids)
+        loss = self.setting_loss(setting, latents, timestep, time_ids)
         return StepResult(loss=loss, setting=setting, timestep=timestep, denoise_steps=k)

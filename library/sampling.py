@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from library.diffusion import cfg_combine
+from library.diffusion import cfg_combine, schedule_options
 from library.sample_prompts import SamplePrompt
 from library.text_encoding import Conditioning, PromptCache
 
@@ -29,17 +29,14 @@ SAMPLERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "ddpm": "DDPMScheduler",
 }
-_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "steps_offset")
 
 
-def build_sample_scheduler(name: str, scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool = False):
-    """A diffusers scheduler of the given kind on the model's noise schedule."""
+def build_sample_scheduler(name: str, scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool = False,
+                           steps: int | None = None):
+    """A diffusers scheduler of the given kind on the model's noise schedule (:func:`schedule_options`)."""
     import diffusers
 
-    schedule = {key: scheduler_config[key] for key in _SCHEDULE_KEYS if scheduler_config.get(key) is not None}
-    options = dict(schedule, prediction_type=prediction_type)
-    if zero_terminal_snr:
-        options.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    options = schedule_options(scheduler_config, prediction_type, zero_terminal_snr, steps)
     if name in ("ddim", "ddpm"):
         options["clip_sample"] = False
     if name == "ddim":

@@ -152,6 +152,7 @@ def build_metadata(config: RunConfig, kind: str, prediction_type: str, started_a
         "ss_leco_denoise_with_frozen": str(leco.denoise_with_frozen),
         "ss_leco_denoise_sampler": leco.denoise_sampler,
         "ss_leco_legacy_timestep": str(leco.legacy_timestep),
+        "ss_leco_trajectory": leco.trajectory,
     }
     if hashes.legacy:
         metadata["ss_sd_model_hash"] = hashes.legacy

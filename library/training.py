@@ -48,6 +48,7 @@ from library.saving import (
 )
 from library.state import check_fingerprint, load_state, save_state, state_dir_name
 from library.stop import StopRequest
+from library.trajectories import build_leco_step, trajectory_summary
 from networks.lora import kohya_aliases
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,8 @@ class Trainer:
             self.generator.manual_seed(int(torch.randint(2**31, (), generator=torch.Generator().manual_seed(state.step)))
                                        + self.accelerator.process_index)
         logger.info("resumed from %s at step %d", self.config.output.resume, state.step)
+        if self.config.leco.trajectory == "persistent":
+            logger.info("persistent trajectories: the chains are not part of the state; they are re-made from fresh noise")
         return state.step
 
     # --- saving ---------------------------------------------------------------------------
@@ -279,7 +282,7 @@ class Trainer:
             f"schedule {cfg.optimizer.lr_scheduler}",
             f"precision: {self.accelerator.mixed_precision} (U-Net {str(self.weight_dtype).replace('torch.', '')}), device {self.device}, "
             f"attention {cfg.train.attention}{', gradient checkpointing' if cfg.train.gradient_checkpointing else ''}",
-            f"LECO: denoise k in 1..{cfg.leco.max_denoising_steps - 1} of {cfg.leco.max_denoising_steps} ({cfg.leco.denoise_sampler}), "
+            f"LECO: {trajectory_summary(cfg.leco, cfg.prompts.settings)}, "
             f"CFG {cfg.leco.denoise_guidance_scale}, trajectory from the {'frozen model' if cfg.leco.denoise_with_frozen else 'LoRA'}, "
             f"loss {cfg.leco.loss_type}{f', min-SNR {cfg.leco.min_snr_gamma}' if cfg.leco.min_snr_gamma else ''}",
             f"output: {self.output_dir / final_file_name(cfg.output.output_name, self.extension)}"
@@ -314,8 +317,9 @@ class Trainer:
             allow_fp16_gradient_unscaling(accelerator)
         if is_schedule_free(cfg.optimizer.optimizer_type):
             optimizer.train()
-        step_fn = LecoStep(unet, network, cache, model.scheduler_config, model.prediction_type, cfg.leco,
-                           self.family.time_ids, self.device, accelerator.autocast, cfg.model.zero_terminal_snr)
+        step_fn = build_leco_step(cfg.leco.trajectory, cfg.prompts.settings, unet, network, cache, model.scheduler_config,
+                                  model.prediction_type, cfg.leco, self.family.time_ids, self.device, accelerator.autocast,
+                                  cfg.model.zero_terminal_snr)
         self.hashes = BaseModelHashes(cfg.model.path if accelerator.is_main_process else "")  # only rank 0 writes metadata
         network_args = dict(cfg.network.args)
         self.static_metadata = build_metadata(cfg, model.kind, model.prediction_type, self.started_at, self.session_id,

@@ -16,16 +16,19 @@ from library.diffusion import (
     partial_denoise,
 )
 from library.text_encoding import Conditioning
+from tests.hand_schedule import scaled_linear_alphas_cumprod
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                    steps_offset=1)
+ALPHA_BAR = torch.tensor(scaled_linear_alphas_cumprod(), dtype=torch.float64)  # by hand from the betas, not the scheduler's
 
 
-def oracle(x0: torch.Tensor, eps: torch.Tensor, scheduler, prediction_type: str):
-    """A perfect model: returns the true epsilon (or v) of x_t = a x0 + s eps at the queried t."""
+def oracle(x0: torch.Tensor, eps: torch.Tensor, prediction_type: str):
+    """A perfect model: returns the true epsilon (or v) of x_t = a x0 + s eps at the queried t
+    (alpha_bar computed by hand from SD's betas)."""
 
     def predict(latents, timesteps, cond):
-        alpha_bar = scheduler.alphas_cumprod[timesteps.long()].view(-1, 1, 1, 1)
+        alpha_bar = ALPHA_BAR[timesteps.long()].float().view(-1, 1, 1, 1)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         # the noise actually in ``latents`` given the known x0 (works for stochastic samplers too)
         true_eps = (latents - a * x0.repeat(latents.shape[0] // x0.shape[0], 1, 1, 1)) / s
@@ -82,13 +85,33 @@ def test_ddim_trajectory_with_a_perfect_model_lands_exactly_on_its_label(predict
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, 4, 4, 4, generator=generator)
     eps = torch.randn(2, 4, 4, 4, generator=generator)
-    t_start = int(scheduler.timesteps[0])
-    a0 = scheduler.alphas_cumprod[t_start]
+    # "leading" spacing with steps_offset 1: the 20 steps sit at 951, 901, ..., 1 (every T / N = 50)
+    a0 = ALPHA_BAR[951].float()
     x_start = a0.sqrt() * x0 + (1 - a0).sqrt() * eps
-    x_t, label = partial_denoise(oracle(x0, eps, scheduler, prediction_type), scheduler, x_start, k,
-                                 _cond(2), _cond(2), 1.0)
-    a = scheduler.alphas_cumprod[label]
+    x_t, label = partial_denoise(oracle(x0, eps, prediction_type), scheduler, x_start, k, _cond(2), _cond(2), 1.0)
+    assert label == 951 - 50 * k
+    a = ALPHA_BAR[label].float()
     assert torch.allclose(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_one_ddim_step_by_hand(prediction_type):
+    """One DDIM (eta 0) step from t = 951 to 901 with an arbitrary model output, written out by hand
+    (Song et al., 2021, eq. 12): x0_hat = (x - sqrt(1 - a_t) eps_hat) / sqrt(a_t),
+    x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev) eps_hat; a v-model's output v gives
+    eps_hat = sqrt(a_t) v + sqrt(1 - a_t) x."""
+    scheduler = build_noise_scheduler(SD_SCHEDULE, prediction_type, False, "ddim")
+    scheduler.set_timesteps(20)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 2, 2, generator=generator, dtype=torch.float64)
+    output = torch.randn(1, 4, 2, 2, generator=generator, dtype=torch.float64)
+    x_prev, label = partial_denoise(lambda latents, timesteps, cond: output.float(), scheduler, x.float(), 1,
+                                    _cond(1), _cond(1), 1.0)
+    a_t, a_prev = ALPHA_BAR[951], ALPHA_BAR[901]
+    eps_hat = output if prediction_type == "epsilon" else a_t.sqrt() * output + (1 - a_t).sqrt() * x
+    x0_hat = (x - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+    assert label == 901
+    assert torch.allclose(x_prev.double(), a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps_hat, rtol=1e-5, atol=1e-5)
 
 
 def test_ddim_reading_v_as_epsilon_misses_the_label():
@@ -99,11 +122,11 @@ def test_ddim_reading_v_as_epsilon_misses_the_label():
         scheduler.set_timesteps(20)
     generator = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(1, 4, 4, 4, generator=generator), torch.randn(1, 4, 4, 4, generator=generator)
-    a0 = v_scheduler.alphas_cumprod[int(v_scheduler.timesteps[0])]
+    a0 = ALPHA_BAR[951].float()
     x_start = a0.sqrt() * x0 + (1 - a0).sqrt() * eps
-    v_model = oracle(x0, eps, v_scheduler, "v_prediction")
+    v_model = oracle(x0, eps, "v_prediction")
     wrong, label = partial_denoise(v_model, eps_scheduler, x_start, 10, _cond(1), _cond(1), 1.0)
-    a = v_scheduler.alphas_cumprod[label]
+    a = ALPHA_BAR[label].float()
     assert not torch.allclose(wrong, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-2)
 
 
@@ -115,11 +138,13 @@ def test_ddpm_trajectory_has_the_marginal_of_its_label(prediction_type):
     generator = torch.Generator().manual_seed(2)
     x0 = torch.full((4000, 4, 2, 2), 0.7)
     eps = torch.randn(x0.shape, generator=generator)
-    a0 = scheduler.alphas_cumprod[int(scheduler.timesteps[0])]
+    # "leading" spacing, steps_offset 1, N = 40: the steps sit at 976, 951, ..., 1 (every 25)
+    a0 = ALPHA_BAR[976].float()
     x_start = a0.sqrt() * x0 + (1 - a0).sqrt() * eps
-    x_t, label = partial_denoise(oracle(x0, eps, scheduler, prediction_type), scheduler, x_start, 25,
+    x_t, label = partial_denoise(oracle(x0, eps, prediction_type), scheduler, x_start, 25,
                                  _cond(4000), _cond(4000), 1.0, generator)
-    a = scheduler.alphas_cumprod[label].item()
+    assert label == 976 - 25 * 25
+    a = ALPHA_BAR[label].item()
     assert x_t.mean().item() == pytest.approx(math.sqrt(a) * 0.7, abs=0.01)
     assert x_t.var().item() == pytest.approx(1 - a, rel=0.05)
 
@@ -160,11 +185,16 @@ def test_partial_denoise_keeps_no_graph():
     scheduler = build_noise_scheduler(SD_SCHEDULE, "epsilon", False, "ddpm")
     scheduler.set_timesteps(10)
 
+    graphs = []  # per model call: whether its output is part of an autograd graph
+
     def predict(latents, timesteps, cond):
-        return latents * weight
+        output = latents * weight
+        graphs.append(output.grad_fn is not None)
+        return output
 
     x_t, _ = partial_denoise(predict, scheduler, torch.randn(1, 4, 2, 2), 5, _cond(1), _cond(1), 3.0,
                              torch.Generator().manual_seed(0))
+    assert graphs == [False] * 5  # no call inside the trajectory records a graph, not only the returned x_t
     assert not x_t.requires_grad and x_t.grad_fn is None
 
 

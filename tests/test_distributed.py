@@ -16,13 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_two_process_ddp_run_writes_once_and_ranks_agree(tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("trajectory", ["fresh", "persistent"])
+def test_two_process_ddp_run_writes_once_and_ranks_agree(tiny_sd_dir, tmp_path, trajectory):
     out = tmp_path / "out"
     samples = tmp_path / "samples.txt"
     samples.write_text("girl --s 2\ngirl, long hair --s 2\n", encoding="utf-8")
     argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "slider"), out, steps=3) + [
         "--save_every_n_steps", "2", "--network_args", "module_dropout=0.3",  # ranks drop different modules
-        "--sample_every_n_steps", "2", "--sample_prompts", str(samples)]  # 6 grid cells shared out over 2 ranks
+        "--sample_every_n_steps", "2", "--sample_prompts", str(samples),  # 6 grid cells shared out over 2 ranks
+        "--leco_trajectory", trajectory]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "train_leco.py"), *argv]
@@ -41,6 +43,7 @@ def test_two_process_ddp_run_writes_once_and_ranks_agree(tiny_sd_dir, tmp_path):
     assert tile >= 8 and width == 160 + 3 * (tile + 2)
     assert lora_changed(out / "leco.safetensors")
     assert read_lora_metadata(out / "leco.safetensors")["ss_steps"] == "3"
+    assert read_lora_metadata(out / "leco.safetensors")["ss_leco_trajectory"] == trajectory
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ from library.optimizer_step import accumulate_and_step
 from library.prompts import PromptSetting
 from library.run_setup import prepare_unet
 from networks.lora import create_network
+from tests import hand_schedule
 
 SETTING = PromptSetting(target="van gogh", positive="van gogh", unconditional="", neutral="", action="erase",
                         guidance_scale=1.5, resolution=(64, 64), batch_size=2, multiplier=1.0, weight=1.0)
@@ -64,17 +65,38 @@ def sd_step(tiny_sd_dir):
 
 
 def test_unet_calls_per_step_match_the_design(sd_step):
+    """Call budget and the LoRA strength of each call, with a multiplier other than the network's default 1.0:
+    the LoRA's own output (wrapped layer's output minus the base layer's) must be -0.7 * scale * up(down(x))
+    in the trajectory and in the training forward, and absent in the frozen call."""
+    setting = dataclasses.replace(SETTING, multiplier=-0.7)
     recorder = CallRecorder(sd_step)
-    result = sd_step(SETTING, torch.Generator().manual_seed(0))
+    lora = next(lora for lora in sd_step.network.unet_loras if lora.lora_name.endswith("attn2_to_k"))
+    lora_outputs = []  # per U-Net call: (LoRA output, -0.7 * scale * up(down(x)), base output) of one wrapped layer
+
+    def record(module, args, output):
+        with torch.no_grad():
+            base = lora._org_forward(args[0])
+            by_hand = -0.7 * lora.scale * lora.lora_up(lora.lora_down(args[0]))
+        lora_outputs.append((output.detach() - base, by_hand, base))
+
+    lora.org_module.register_forward_hook(record)
+    result = sd_step(setting, torch.Generator().manual_seed(0))
     k = result.denoise_steps
     assert 1 <= k <= 5
     assert len(recorder.calls) == k + 2  # k trajectory calls + 1 frozen batch + 1 training forward
     trajectory, frozen, training = recorder.calls[:k], recorder.calls[k], recorder.calls[k + 1]
     assert all(call["batch"] == 4 and not call["grad"] for call in trajectory)  # CFG halves batched
-    assert all(call["multiplier"] == 1.0 and not call["network_training"] for call in trajectory)
+    assert all(call["multiplier"] == -0.7 and not call["network_training"] for call in trajectory)
     # positive == target, neutral == unconditional == "": two distinct prompts, computed once each
     assert frozen["batch"] == 4 and frozen["multiplier"] == 0.0 and not frozen["grad"]
-    assert training["batch"] == 2 and training["multiplier"] == 1.0 and training["grad"] and training["network_training"]
+    assert training["batch"] == 2 and training["multiplier"] == -0.7 and training["grad"] and training["network_training"]
+    assert len(lora_outputs) == k + 2
+    for index, (delta, by_hand, base) in enumerate(lora_outputs):
+        if index == k:  # the frozen predictions: the LoRA path is skipped, the output is the base layer's exactly
+            assert torch.count_nonzero(delta) == 0
+        else:
+            assert by_hand.abs().max() > 1e-3 * base.abs().max()  # a LoRA output large enough to tell apart
+            assert torch.allclose(delta, by_hand, rtol=1e-4, atol=1e-6)
 
 
 def test_denoise_guidance_one_needs_no_unconditional_half(tiny_sd_dir):
@@ -105,7 +127,20 @@ def test_frozen_predictions_are_the_base_model_exactly(sd_step):
 
 
 def test_the_trajectory_contributes_no_gradient(sd_step):
-    """The gradient of a full step equals the gradient of the loss at the same (detached) x_t."""
+    """x_t carries no autograd graph, and a backward of the step's loss reaches the LoRA parameters
+    (and nothing of the U-Net) through exactly one U-Net call: the training forward.
+
+    Each U-Net output that is part of a graph gets a gradient hook counting the gradients that reach
+    it; each LoRA parameter gets one counting how often it receives a gradient."""
+    calls = []  # per U-Net call: {"graph": output has a grad_fn, "grads": gradients that reached the output}
+
+    def record(module, args, kwargs, output):
+        call = {"graph": output.sample.grad_fn is not None, "grads": 0}
+        if output.sample.requires_grad:
+            output.sample.register_hook(lambda grad, call=call: call.update(grads=call["grads"] + 1))
+        calls.append(call)
+
+    sd_step.unet.register_forward_hook(record, with_kwargs=True)
     captured = {}
     original = sd_step.make_xt
 
@@ -115,13 +150,18 @@ def test_the_trajectory_contributes_no_gradient(sd_step):
 
     sd_step.make_xt = spy
     params = [param for param in sd_step.network.parameters() if param.requires_grad]
+    received = [0] * len(params)
+    for index, param in enumerate(params):
+        param.register_hook(lambda grad, index=index: received.__setitem__(index, received[index] + 1))
     result = sd_step(SETTING, torch.Generator().manual_seed(4))
-    assert captured["xt"][0].grad_fn is None
-    grads = torch.autograd.grad(result.loss, params)
-    latents, timestep, _ = captured["xt"]
-    again = torch.autograd.grad(sd_step.loss_at(SETTING, latents, timestep, None), params)
-    for first, second in zip(grads, again):
-        assert torch.allclose(first, second, atol=1e-7)
+    k = result.denoise_steps
+    latents = captured["xt"][0]
+    assert latents.grad_fn is None and not latents.requires_grad
+    assert [call["graph"] for call in calls] == [False] * (k + 1) + [True]  # k trajectory calls, the frozen batch, training
+    result.loss.backward()
+    assert [call["grads"] for call in calls] == [0] * (k + 1) + [1]
+    assert received == [1] * len(params) and all(param.grad is not None and param.grad.abs().sum() > 0 for param in params)
+    assert all(param.grad is None for param in sd_step.unet.parameters())
 
 
 def test_gradient_accumulation_of_two_batches_of_one_equals_one_batch_of_two(tiny_sd_dir):
@@ -152,8 +192,10 @@ def test_min_snr_and_huber_reach_the_loss(sd_step):
     plain = sd_step.loss_at(SETTING, latents, 50, None)
     sd_step.config = dataclasses.replace(sd_step.config, min_snr_gamma=1.0)
     weighted = sd_step.loss_at(SETTING, latents, 50, None)
-    snr = sd_step.snr[50].item()  # a clean timestep: SNR > 1, weight 1 / SNR
-    assert weighted.item() == pytest.approx(plain.item() / snr, rel=1e-4)
+    # by hand from the betas: alpha_bar_50 = 0.95161..., SNR = 19.651 > gamma = 1, so the weight is gamma / SNR
+    snr = hand_schedule.snr(50)
+    assert snr == pytest.approx(19.6513, rel=1e-5)
+    assert weighted.item() == pytest.approx(plain.item() / snr, rel=1e-5)
     sd_step.config = dataclasses.replace(sd_step.config, min_snr_gamma=None, loss_type="l1")
     assert sd_step.loss_at(SETTING, latents, 50, None).item() != pytest.approx(plain.item())
 

@@ -144,24 +144,53 @@ def test_per_sample_multipliers_match_separate_calls(tiny_sd_dir):
         assert torch.allclose(both[index:index + 1], single, atol=1e-5)
 
 
-def test_dropouts_act_only_in_training_mode():
-    layer = torch.nn.Linear(8, 8)
-    lora = LoRAModule("lora_unet_x", layer, 1.0, 4, 4.0, dropout=0.5, rank_dropout=0.5, module_dropout=0.0)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dropouts_act_only_in_training_mode(kind):
+    """Dropout, rank dropout and module dropout give exactly the output a seeded generator predicts in
+    training mode, each rescaling what it keeps by 1 / (1 - p), and none of them acts (or draws a random
+    number) in eval mode.
+
+    Draws in ``LoRAModule.forward``, in order: module dropout's ``rand(())`` (skip the LoRA if < p), the
+    dropout's Bernoulli(1 - p) keep mask on the rank activations, rank dropout's ``rand > p`` keep mask
+    over (sample, rank channel), shared by all tokens/pixels of a sample."""
+    p_drop, p_rank, p_module, multiplier = 0.5, 0.25, 0.5, -0.7
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 5) if kind == "linear" else torch.nn.Conv2d(6, 5, 1)
+    lora = LoRAModule("lora_unet_x", layer, multiplier, 4, 2.0, dropout=p_drop, rank_dropout=p_rank, module_dropout=p_module)
     torch.nn.init.normal_(lora.lora_up.weight)
     lora.apply_to()
-    x = torch.randn(16, 8)
-    lora.eval()
-    assert torch.equal(layer(x), layer(x))
-    lora.train()
-    torch.manual_seed(0)
-    first = layer(x)
-    torch.manual_seed(1)
-    assert not torch.equal(first, layer(x))
-    skip = LoRAModule("lora_unet_y", torch.nn.Linear(8, 8), 1.0, 4, 4.0, module_dropout=0.999999)
-    torch.nn.init.normal_(skip.lora_up.weight)
-    skip.apply_to()
-    skip.train()
-    assert torch.equal(skip.org_module(x), skip._org_forward(x))  # module dropout skipped the LoRA
+    x = torch.randn(3, 7, 6) if kind == "linear" else torch.randn(3, 6, 2, 2)  # (B, tokens, C) or (B, C, H, W)
+    rank_mask_shape = (3, 1, 4) if kind == "linear" else (3, 4, 1, 1)
+    with torch.no_grad():
+        base = lora._org_forward(x)
+        down = lora.lora_down(x)  # rank activations: (3, 7, 4) or (3, 4, 2, 2)
+
+        def by_hand(hidden: torch.Tensor, scale: float) -> torch.Tensor:
+            return base + multiplier * scale * lora.lora_up(hidden)
+
+        lora.eval()
+        rng = torch.get_rng_state()
+        assert torch.allclose(layer(x), by_hand(down, 2.0 / 4), rtol=1e-5, atol=1e-6)  # alpha / rank, no dropout
+        assert torch.equal(torch.get_rng_state(), rng)  # nothing drawn
+        lora.train()
+        outcomes = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            out = layer(x)
+            generator = torch.Generator().manual_seed(seed)
+            if torch.rand((), generator=generator) < p_module:
+                assert torch.equal(out, base)  # module dropout: the base layer's output, bit for bit
+                outcomes.append("skipped")
+                continue
+            keep = torch.empty_like(down).bernoulli_(1 - p_drop, generator=generator)
+            ranks = (torch.rand(rank_mask_shape, generator=generator) > p_rank).float()
+            assert 0 < keep.mean() < 1 and 0 < ranks.mean() < 1  # each mask drops some and keeps some
+            hidden = down * keep * 2.0 * ranks  # dropout keeps with 1 / (1 - 0.5) = 2
+            expected = by_hand(hidden, 2.0 / 4 * 4 / 3)  # rank dropout: scale * 1 / (1 - 0.25)
+            assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(out, by_hand(down, 2.0 / 4), rtol=1e-3, atol=1e-3)
+            outcomes.append("applied")
+    assert "skipped" in outcomes and "applied" in outcomes
 
 
 # ----------------------------------------------------------------------------------------------

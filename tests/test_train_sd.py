@@ -7,10 +7,16 @@ import signal
 
 import pytest
 import torch
+from accelerate import Accelerator
+from diffusers import UNet2DConditionModel
 
 import train_leco
 from library import leco_step, training
-from networks.lora import read_lora_metadata
+from library.cli import build_run_config, parse_namespace
+from library.config import LecoConfig
+from library.optimizer_step import accumulate_and_step
+from library.run_setup import optimizer_and_schedule
+from networks.lora import create_network, read_lora_metadata
 from tests.helpers import (
     all_finite,
     base_argv,
@@ -21,6 +27,7 @@ from tests.helpers import (
     scalars,
     write_prompts,
 )
+from tests.test_leco_step import SETTING, make_step
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +56,7 @@ def test_train_from_a_diffusers_folder(kind, tiny_sd_dir, tmp_path):
     assert metadata["ss_leco_prompts"] == prompts.read_text(encoding="utf-8")
     assert metadata["ss_leco_prompt_count"] == ("2" if kind == "slider" else "1")
     assert metadata["ss_training_comment"] == "test run"
+    assert metadata["ss_leco_trajectory"] == "fresh"
     assert metadata["ss_seed"] == "42"
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert metadata["modelspec.title"] == f"my_{kind}" and metadata["modelspec.resolution"] == "64x64"
@@ -75,11 +83,12 @@ def test_same_seed_gives_identical_lora(tiny_sd_dir, tmp_path):
     assert not all(torch.equal(first[key], third[key]) for key in first)
 
 
-@pytest.mark.parametrize("kind", ["erase", "enhance", "slider"])
-def test_train_from_a_single_file_offline(kind, tiny_sd_single_file, tiny_sd_dir, tmp_path, monkeypatch):
+def test_train_from_a_single_file_offline(tiny_sd_single_file, tiny_sd_dir, tmp_path, monkeypatch):
+    """Loading is the same whatever the prompts ask for (erase/enhance/slider each train from a folder above),
+    so one single-file run: a slider, both directions."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     checkpoint, configs, cache = tiny_sd_single_file
-    prompts = write_prompts(tmp_path, kind)
+    prompts = write_prompts(tmp_path, "slider")
     out, logs = tmp_path / "out", tmp_path / "logs"
     argv = base_argv(checkpoint, prompts, out) + [
         "--tokenizer_cache_dir", str(cache), "--model_config_dir", str(configs), "--save_every_n_steps", "2",
@@ -93,9 +102,8 @@ def test_train_from_a_single_file_offline(kind, tiny_sd_single_file, tiny_sd_dir
     assert {key.split(".", 1)[1] for key in tensors} == {"lora_down.weight", "lora_up.weight", "alpha"}
     assert any(key.startswith("lora_unet_down_blocks_") and "attn2_to_k" in key for key in tensors)
     # the same U-Net loaded from its diffusers folder gets exactly the same LoRA layout
-    folder_run = tmp_path / "folder"
-    assert train_leco.main(base_argv(tiny_sd_dir, prompts, folder_run, steps=1)) == 0
-    assert lora_tensors(folder_run / "leco.safetensors").keys() == tensors.keys()
+    folder_unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    assert create_network(1.0, 4, 1.0, None, [], folder_unet).lora_state_dict().keys() == tensors.keys()
     metadata = read_lora_metadata(final)
     assert metadata["ss_sd_model_name"] == "tiny_sd.safetensors"
     assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_leco_prompts"] == prompts.read_text(encoding="utf-8")
@@ -219,23 +227,50 @@ def test_nan_loss_stops_and_keeps_the_last_good_file(tiny_sd_dir, tmp_path, monk
     assert "step 3" in err and "leco-step00000002.safetensors" in err
 
 
+@pytest.fixture(scope="module")
+def lora_step(tiny_sd_dir):
+    """A LECO step on the tiny SD U-Net, a fixed x_t and the LoRA's initial weights (each test resets them)."""
+    step = make_step(tiny_sd_dir, LecoConfig(max_denoising_steps=4), seed=3)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    return step, latents, {key: value.clone() for key, value in step.network.state_dict().items()}
+
+
 @pytest.mark.parametrize(
-    "optimizer, extra",
+    "optimizer, extra, class_name",
     [
-        ("AdamW8bit", ["--optimizer_args", "min_8bit_size=0"]),
-        ("Lion", []),
-        ("Prodigy", ["--learning_rate", "1.0", "--optimizer_args", "decouple=True", "weight_decay=0.01"]),
-        ("Adafactor", []),
-        ("SGDNesterov", []),
-        ("torch.optim.RAdam", []),
-        ("PagedAdamW8bit", ["--optimizer_args", "min_8bit_size=0"]),
-        ("Lion8bit", ["--optimizer_args", "min_8bit_size=0"]),
+        ("AdamW8bit", ["--optimizer_args", "min_8bit_size=0"], "AdamW8bit"),
+        ("Lion", [], "Lion"),
+        ("Prodigy", ["--learning_rate", "1.0", "--optimizer_args", "decouple=True", "weight_decay=0.01"], "Prodigy"),
+        ("Adafactor", [], "Adafactor"),
+        ("SGDNesterov", [], "SGD"),
+        ("torch.optim.RAdam", [], "RAdam"),
+        ("PagedAdamW8bit", ["--optimizer_args", "min_8bit_size=0"], "PagedAdamW8bit"),
+        ("Lion8bit", ["--optimizer_args", "min_8bit_size=0"], "Lion8bit"),
     ],
 )
-def test_optimizers_train(optimizer, extra, tiny_sd_dir, tmp_path):
+def test_optimizers_train(optimizer, extra, class_name, lora_step, tiny_sd_dir, tmp_path):
+    """Each --optimizer_type, built from the flags by the trainer's own optimizer_and_schedule, prepared by
+    accelerate and stepped once by the trainer's accumulate_and_step on a LECO loss, moves every LoRA
+    parameter. (Full trainings run with AdamW and AdamWScheduleFree in the other tests here.)"""
+    step, latents, initial = lora_step
+    step.network.load_state_dict(initial)
     argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=2)
-    assert train_leco.main(argv + ["--optimizer_type", optimizer] + extra) == 0
-    assert lora_changed(tmp_path / "out" / "leco.safetensors")
+    config = build_run_config(parse_namespace(argv + ["--optimizer_type", optimizer] + extra, "sd")[0], "sd")
+    built, lr_scheduler = optimizer_and_schedule(config, step.network)
+    assert type(built).__name__ == class_name
+    accelerator = Accelerator(cpu=True)
+    prepared = accelerator.prepare(built)
+    params = [param for param in step.network.parameters() if param.requires_grad]
+    before = [param.detach().clone() for param in params]
+    accumulate_and_step(accelerator, lambda: step.loss_at(SETTING, latents, 300, None), prepared, lr_scheduler, params,
+                        config.optimizer.max_grad_norm)
+    assert all(not torch.equal(old, param) for old, param in zip(before, params))
+    assert all(torch.isfinite(param).all() for param in params)
+    assert all(param.grad is None for param in params)  # zeroed after the step, ready for the next
+    if "8bit" in class_name:  # min_8bit_size=0 reached the optimizer: even these small tensors get 8-bit state
+        assert {built.state[param]["state1"].dtype for param in params} == {torch.uint8}
+    if optimizer == "Prodigy":
+        assert built.param_groups[0]["decouple"] is True and built.param_groups[0]["weight_decay"] == 0.01
 
 
 def test_schedule_free_saves_the_averaged_weights(tiny_sd_dir, tmp_path, monkeypatch):
@@ -264,7 +299,25 @@ def test_schedule_free_saves_the_averaged_weights(tiny_sd_dir, tmp_path, monkeyp
     assert saves and all(events[index - 1] == "eval" and events[index + 1] == "train" for index in saves)
 
 
-def test_precision_checkpointing_and_file_options(tiny_sd_dir, tmp_path):
+def test_precision_checkpointing_and_file_options(tiny_sd_dir, tmp_path, monkeypatch):
+    """Also: the trainer really turns on checkpointing and trains with the dropout on (what each does is
+    shown in tests/test_step_options.py)."""
+    seen = {"checkpointing": [], "training_forward": []}
+    prepare = training.prepare_unet
+
+    def spy_prepare(unet, *args):
+        unet = prepare(unet, *args)
+        seen["checkpointing"].append(unet.is_gradient_checkpointing)
+        return unet
+
+    loss_at = leco_step.LecoStep.loss_at
+
+    def spy_loss_at(self, *args, **kwargs):
+        seen["training_forward"].append({(lora.training, lora.dropout) for lora in self.network.unet_loras})
+        return loss_at(self, *args, **kwargs)
+
+    monkeypatch.setattr(training, "prepare_unet", spy_prepare)
+    monkeypatch.setattr(leco_step.LecoStep, "loss_at", spy_loss_at)
     out = tmp_path / "out"
     argv = base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), out, steps=4) + [
         "--mixed_precision", "bf16", "--gradient_checkpointing", "--save_precision", "fp16",
@@ -272,6 +325,8 @@ def test_precision_checkpointing_and_file_options(tiny_sd_dir, tmp_path):
         "--gradient_accumulation_steps", "2", "--scale_weight_norms", "1.0", "--network_dropout", "0.1",
     ]
     assert train_leco.main(argv) == 0
+    assert seen["checkpointing"] == [True]
+    assert seen["training_forward"] == [{(True, 0.1)}] * 8  # 4 steps x 2 accumulated micro-steps
     assert sorted(path.name for path in out.iterdir()) == ["leco-step00000002.safetensors", "leco-step00000003.safetensors",
                                                            "leco.safetensors"]
     tensors = lora_tensors(out / "leco.safetensors")
@@ -349,8 +404,20 @@ def test_stop_during_the_first_sample_grid_exits_without_files(tiny_sd_dir, tmp_
     assert not out.exists() or not any(out.rglob("*.safetensors")) and not any(out.rglob("*.png"))
 
 
-def test_many_step_options_together(tiny_sd_dir, tmp_path):
-    """Options that change the step but not the files: they must run end to end and reach the metadata."""
+def test_many_step_options_together(tiny_sd_dir, tmp_path, monkeypatch):
+    """Options that change the step but not the files run together end to end and reach the metadata.
+
+    What each does is tested on its own: --noise_offset, --gradient_checkpointing and the LoRA dropouts in
+    tests/test_step_options.py, the timestep label and samplers in tests/test_diffusion.py, the losses in
+    tests/test_targets.py. Here --noise_offset is also followed into the run's trajectories."""
+    offsets = []
+    initial_latents = leco_step.initial_latents
+
+    def spy(batch, height, width, generator, noise_offset=None, *args, **kwargs):
+        offsets.append(noise_offset)
+        return initial_latents(batch, height, width, generator, noise_offset, *args, **kwargs)
+
+    monkeypatch.setattr(leco_step, "initial_latents", spy)
     prompts = tmp_path / "dyn.toml"
     prompts.write_text('[[prompts]]\ntarget = "van gogh"\nresolution = 128\ndynamic_resolution = true\nbatch_size = 2\n',
                        encoding="utf-8")
@@ -363,6 +430,7 @@ def test_many_step_options_together(tiny_sd_dir, tmp_path):
         "--unet_lr", "5e-4",
     ]
     assert train_leco.main(argv) == 0
+    assert offsets == [0.05] * 3
     metadata = read_lora_metadata(out / "leco.safetensors")
     assert metadata["ss_max_token_length"] == "150" and metadata["ss_clip_skip"] == "2"
     assert metadata["ss_loss_type"] == "huber" and metadata["ss_leco_legacy_timestep"] == "True"

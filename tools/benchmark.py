@@ -4,12 +4,16 @@
     python -m tools.benchmark --model PATH          # any model the trainer loads
     python -m tools.benchmark --tiny                # the tiny test model (seconds)
     python -m tools.benchmark --mode legacy         # the same step computed the way sd-scripts does
+    python -m tools.benchmark --mode persistent     # --leco_trajectory persistent (one CFG call per step)
+    python -m tools.benchmark --compare 8,20,40     # fresh / legacy / persistent at each N, interleaved, one process
 
 ``--mode legacy`` reproduces sd-scripts' LECO cost model for comparison only: gradient kept
 through the whole partial-denoising trajectory (every U-Net call checkpointed), the three frozen
 predictions as separate CFG-doubled calls, and a CFG-doubled training forward. Both modes use
-the same k (``--fixed_k``) so their times compare. Nothing here is asserted in tests; results
-are written to docs/performance.md by hand.
+the same k (``--fixed_k``) so their times compare. ``--compare`` loads the model once and times
+fresh and legacy at k = N/2 (the mean of k ~ U{1..N-1}) and persistent (whose cost does not depend
+on N) round-robin, so all three see the same machine load. Nothing here is asserted in tests;
+results are written to docs/performance.md by hand.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from library.leco_step import LecoStep, StepResult  # noqa: E402
 from library.prompts import PromptSetting  # noqa: E402
 from library.targets import build_target, per_sample_loss  # noqa: E402
 from library.text_encoding import Conditioning  # noqa: E402
+from library.trajectories import PersistentLecoStep  # noqa: E402
 
 CACHE = ROOT / ".cache" / "benchmark"
 
@@ -123,7 +128,8 @@ def _peak_rss_gib() -> float:
     return float("nan")
 
 
-def build_step(args, mode: str):
+def load_parts(args) -> dict:
+    """Model, prompt cache and LoRA, loaded once (steps of every mode share them)."""
     from library.family import family_for
     from library.models import load_base_model
     from library.run_setup import prepare_unet
@@ -142,13 +148,28 @@ def build_step(args, mode: str):
     network.apply_to()
     network.to(device)
     network.train()
-    config = LecoConfig(max_denoising_steps=args.max_denoising_steps, denoise_guidance_scale=3.0)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else None
-    step_class = LegacyLecoStep if mode == "legacy" else FixedKStep
-    kwargs = {"autocast": autocast} if autocast else {}
-    step = step_class(unet, network, cache, model.scheduler_config, model.prediction_type, config, family.time_ids, device, **kwargs)
-    step.fixed_k = args.fixed_k
-    return step, setting, network, device
+    return {"unet": unet, "network": network, "cache": cache, "model": model, "family": family, "device": device,
+            "setting": setting, "autocast": autocast}
+
+
+def make_step(parts: dict, mode: str, max_denoising_steps: int, fixed_k: int):
+    """A step of ``mode`` ("ours" = fresh, "legacy", "persistent") on the loaded parts."""
+    config = LecoConfig(max_denoising_steps=max_denoising_steps, denoise_guidance_scale=3.0,
+                        trajectory="persistent" if mode == "persistent" else "fresh")
+    step_class = {"legacy": LegacyLecoStep, "persistent": PersistentLecoStep}.get(mode, FixedKStep)
+    kwargs = {"autocast": parts["autocast"]} if parts["autocast"] else {}
+    model = parts["model"]
+    step = step_class(parts["unet"], parts["network"], parts["cache"], model.scheduler_config, model.prediction_type, config,
+                      parts["family"].time_ids, parts["device"], **kwargs)
+    step.fixed_k = fixed_k
+    return step
+
+
+def build_step(args, mode: str):
+    parts = load_parts(args)
+    step = make_step(parts, mode, args.max_denoising_steps, args.fixed_k)
+    return step, parts["setting"], parts["network"], parts["device"]
 
 
 def run(args) -> dict:
@@ -195,12 +216,79 @@ def run(args) -> dict:
     return report
 
 
+def _one_step(step, setting, generator, optimizer, device) -> float:
+    start = time.perf_counter()
+    result = step(setting, generator)
+    result.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def compare(args) -> list[dict]:
+    """fresh (k = N/2), legacy (k = N/2) and persistent at each N, interleaved round-robin in one process."""
+    parts = load_parts(args)
+    network, device, setting = parts["network"], parts["device"], parts["setting"]
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-4)
+    sizes = [int(value) for value in args.compare.split(",")]
+    modes = ("ours", "legacy", "persistent")
+    steps = {(n, mode): make_step(parts, mode, n, max(1, n // 2)) for n in sizes for mode in modes}
+    generators = {key: torch.Generator().manual_seed(index) for index, key in enumerate(steps)}
+    calls: list[int] = []
+    parts["unet"].register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape[0]))
+    warmup_seconds = {}
+    for key, step in steps.items():  # warm-up: allocator, and the persistent chains' staggered start
+        warmup_seconds[key] = sum(_one_step(step, setting, generators[key], optimizer, device) for _ in range(args.warmup))
+    times = {key: [] for key in steps}
+    counted = {key: [] for key in steps}
+    for round_index in range(args.steps):
+        for key, step in steps.items():
+            calls.clear()
+            times[key].append(_one_step(step, setting, generators[key], optimizer, device))
+            counted[key].append((len(calls), sum(calls)))
+        logger_line = " ".join(f"{n}/{mode}={times[(n, mode)][-1]:.1f}s" for n, mode in steps)
+        print(f"round {round_index + 1}/{args.steps}: {logger_line}", file=sys.stderr, flush=True)
+    rows = []
+    for (n, mode), values in times.items():
+        rows.append({
+            "max_denoising_steps": n, "mode": "fresh" if mode == "ours" else mode,
+            "k": None if mode == "persistent" else max(1, n // 2),
+            "seconds_per_step_mean": statistics.mean(values), "seconds_per_step_median": statistics.median(values),
+            "seconds_per_step_all": [round(value, 2) for value in values],
+            "warmup_seconds": round(warmup_seconds[(n, mode)], 2),
+            "unet_calls_per_step": statistics.mean(c for c, _ in counted[(n, mode)]),
+            "unet_samples_per_step": statistics.mean(s for _, s in counted[(n, mode)]),
+            "threads": torch.get_num_threads(), "resolution": args.resolution, "device": str(device),
+            "peak_rss_gib": _peak_rss_gib(),
+        })
+    return rows
+
+
+def compare_table(rows: list[dict]) -> str:
+    """Markdown: one row per N with each mode's seconds per step and the ratios to persistent."""
+    by_n: dict[int, dict[str, dict]] = {}
+    for row in rows:
+        by_n.setdefault(row["max_denoising_steps"], {})[row["mode"]] = row
+    lines = ["| N | fresh (k = N/2) | legacy (k = N/2) | persistent | fresh / persistent | legacy / persistent |",
+             "|---|---|---|---|---|---|"]
+    for n, modes in sorted(by_n.items()):
+        fresh, legacy, persistent = (modes[m]["seconds_per_step_mean"] for m in ("fresh", "legacy", "persistent"))
+        lines.append(f"| {n} | {fresh:.1f} s | {legacy:.1f} s | {persistent:.1f} s | {fresh / persistent:.1f}x | "
+                     f"{legacy / persistent:.1f}x |")
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="model to load (default: random real-size SD 1.5, built once)")
     parser.add_argument("--tiny", action="store_true", help="use a tiny random model (fast sanity run)")
     parser.add_argument("--tokenizer_cache_dir", type=Path)
-    parser.add_argument("--mode", choices=["ours", "legacy"], default="ours")
+    parser.add_argument("--mode", choices=["ours", "legacy", "persistent"], default="ours",
+                        help="ours = --leco_trajectory fresh (k fixed); persistent ignores --fixed_k")
+    parser.add_argument("--compare", metavar="N,N,...",
+                        help="time fresh, legacy (both k = N/2) and persistent at each N, interleaved in one process")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=64)
@@ -228,6 +316,13 @@ def main(argv=None) -> dict:
     elif args.model is None:
         args.model = ensure_random_sd15()
         args.tokenizer_cache_dir = args.tokenizer_cache_dir or ensure_tokenizer_cache()
+    if args.compare:
+        rows = compare(args)
+        print(compare_table(rows))
+        if args.json:
+            with open(args.json, "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+        return {"rows": rows}
     report = run(args)
     line = json.dumps(report)
     print(line)

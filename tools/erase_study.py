@@ -1,4 +1,4 @@
-"""Erase in context and over long runs: the curves of docs/evaluation.md section 8.
+"""Erase in context and over long runs: the curves of docs/evaluation.md section 9.
 
 Each variant trains one erase LoRA on the concept world for ``--steps`` steps (600) with the demo's
 settings, saving every ``--every`` steps (50), then evaluates every saved file through diffusers

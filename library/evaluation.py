@@ -85,7 +85,8 @@ def plan_from_prompt_text(toml_text: str) -> EvalPlan:
     """
     from library.prompts import parse_prompt_text
 
-    settings = [setting for setting in parse_prompt_text(toml_text, Path("."), "ss_leco_prompts") if setting.action != "preserve"]
+    settings = parse_prompt_text(toml_text, Path("."), "ss_leco_prompts", without_files=True)  # the files are not at hand
+    settings = [setting for setting in settings if setting.action != "preserve"]
     if not settings:
         raise UserError("the prompt file only preserves (no erase, enhance or slider entry); nothing to evaluate")
     first = settings[0]

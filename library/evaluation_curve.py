@@ -48,10 +48,11 @@ class Checkpoint:
 def find_checkpoints(folder: str | Path, name: str | None = None) -> list[Checkpoint]:
     """The run's ``NAME-stepNNNNNNNN`` files and its final ``NAME`` file, sorted by step.
 
-    The final file's step is its ``ss_steps`` metadata; without metadata it is left out (logged).
+    The final file's step is its ``ss_steps`` metadata; without metadata it is left out (logged). With
+    ``name`` given, a run whose only file is the final one is a one-point curve.
 
     Raises:
-        UserError: no step files, or several run names in the folder and no ``name``.
+        UserError: no files of the run, or several run names in the folder and no ``name``.
     """
     from networks.lora_files import read_lora_metadata
 
@@ -65,19 +66,19 @@ def find_checkpoints(folder: str | Path, name: str | None = None) -> list[Checkp
         if len(found) > 1:
             raise UserError(f"{folder} holds several runs ({', '.join(sorted(found))}); pass --name NAME")
         name = next(iter(found), None)
-    if name is None or name not in found:
-        what = f"{name}-stepNNNNNNNN" if name else "NAME-stepNNNNNNNN"
-        raise UserError(f"no {what}.safetensors files in {folder} (train with --save_every_n_steps N)")
-    checkpoints = found[name]
+    checkpoints = list(found.get(name, [])) if name else []
     for ext in ("safetensors", "ckpt", "pt"):
         final = folder / f"{name}.{ext}"
-        if final.is_file():
+        if name and final.is_file():
             steps = read_lora_metadata(final).get("ss_steps")
             if steps and steps.isdigit():
                 checkpoints.append(Checkpoint(int(steps), final))
             else:
                 logger.warning("%s has no ss_steps metadata; left out of the curve", final.name)
             break
+    if not checkpoints:
+        what = f"{name}-stepNNNNNNNN" if name else "NAME-stepNNNNNNNN"
+        raise UserError(f"no {what}.safetensors files in {folder} (train with --save_every_n_steps N)")
     return sorted({c.step: c for c in checkpoints}.values(), key=lambda c: c.step)
 
 

@@ -49,9 +49,10 @@ def tidy_prompt(text: str) -> str:
     return text.strip(" ,")
 
 
-def put_in_context(context: str, prompt: str) -> str:
-    """``context`` with its ``{}`` replaced by ``prompt``, tidied (see :func:`tidy_prompt`)."""
-    return tidy_prompt(context.replace(PLACEHOLDER, prompt))
+def put_in_context(context: str | None, prompt: str) -> str:
+    """``context`` with its ``{}`` replaced by ``prompt``, tidied (see :func:`tidy_prompt`); no context
+    (None) leaves ``prompt`` exactly as written."""
+    return prompt if context is None else tidy_prompt(context.replace(PLACEHOLDER, prompt))
 
 
 def check_context(context: str, key: str, where: Where, origin: str = "") -> str:
@@ -170,3 +171,13 @@ def anchors_of(entry: dict, defaults: dict, target: str | None, action: str, whe
     if "anchor_weight" in entry and not anchors and target is not None:
         raise where.error("anchor_weight needs an 'anchors' list (here or at the top level)", "anchor_weight")
     return list(dict.fromkeys(anchors)), float(weight)
+
+
+def drop_file_keys(data: dict) -> None:
+    """Remove ``neutral_prompt_file`` and ``context_prompt_file`` from a parsed prompt TOML (top level and
+    every entry), for text read where the files it names are not at hand (a LoRA's metadata)."""
+    entries = [entry for key in ("prompts", "targets") if isinstance(data.get(key), list) for entry in data[key]]
+    for table in [data, *entries]:
+        if isinstance(table, dict):
+            table.pop("neutral_prompt_file", None)
+            table.pop("context_prompt_file", None)

@@ -34,6 +34,7 @@ from library.prompt_contexts import (
     check_preserve_entry,
     context_label,
     contexts_of,
+    drop_file_keys,
     put_in_context,
     read_prompt_lines,
 )
@@ -365,14 +366,13 @@ def _expand_prompt_entry(entry: dict, defaults: dict, default_contexts: list[str
     if contexts is None:
         contexts = default_contexts
     prompts = {"target": target, "positive": positive, "unconditional": unconditional, "neutral": neutral}
-    settings = []
-    for context in contexts or [None]:
-        place = (lambda text: text) if context is None else (lambda text, c=context: put_in_context(c, text))
-        for resolution in common.resolutions:
-            setting = _setting(common, resolution, common.multiplier, where.entry + context_label(context), action=action,
-                               **{name: place(text) for name, text in prompts.items()})
-            settings.append(replace(setting, anchors=tuple(dict.fromkeys(map(place, anchors))), anchor_weight=anchor_weight))
-    return settings
+    return [
+        replace(_setting(common, resolution, common.multiplier, where.entry + context_label(context), action=action,
+                         **{name: put_in_context(context, text) for name, text in prompts.items()}),
+                anchors=tuple(dict.fromkeys(put_in_context(context, anchor) for anchor in anchors)), anchor_weight=anchor_weight)
+        for context in contexts or [None]
+        for resolution in common.resolutions
+    ]
 
 
 def _setting(common: _Common, resolution: tuple[int, int], multiplier: float, source: str, **prompts: str) -> PromptSetting:
@@ -456,13 +456,16 @@ def _entries(data: dict, table: str, where: _Where) -> list[dict]:
     return value
 
 
-def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml") -> tuple[PromptSetting, ...]:
+def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml", without_files: bool = False
+                      ) -> tuple[PromptSetting, ...]:
     """Parse prompt-file text and expand it into settings.
 
     Args:
         text: the TOML text.
         base_dir: folder that relative ``neutral_prompt_file`` / ``context_prompt_file`` paths are resolved against.
         file_label: name used in error messages.
+        without_files: ignore ``neutral_prompt_file`` and ``context_prompt_file`` (the text of a LoRA's
+            metadata, read where those files are not at hand: what each entry trains stays the same).
 
     Raises:
         UserError: on invalid TOML, unknown keys, wrong types or out-of-range values.
@@ -472,6 +475,8 @@ def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{file_label}: invalid TOML: {exc}") from None
+    if without_files:
+        drop_file_keys(data)
     _check_keys(data, TOP_LEVEL_KEYS, top)
     prompt_entries = _entries(data, "prompts", top)
     target_entries = _entries(data, "targets", top)

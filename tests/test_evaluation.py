@@ -88,6 +88,11 @@ def test_plan_skips_preserve_anchors_and_collects_every_erased_value():
     anchor_first = ('[[prompts]]\ntarget = "yellow"\naction = "preserve"\n'
                     '[[prompts]]\ntarget = "a circle"\npositive = "a large circle"\nunconditional = "a circle"\naction = "enhance"\n')
     assert plan_from_prompt_text(anchor_first) == EvalPlan("enhance", "size", "large")
+    # a LoRA's metadata holds the prompt file's text, not the files it names: what is trained is read without them
+    with_files = 'context_prompt_file = "missing.txt"\nneutral_prompt_file = "gone.txt"\n[[prompts]]\ntarget = "blue"\n'
+    assert plan_from_prompt_text(with_files) == EvalPlan("erase", "color", "blue")
+    slider = '[[targets]]\ntarget_class = "a circle"\npositive = "a large circle"\nneutral_prompt_file = "n.txt"\n'
+    assert plan_from_prompt_text(slider) == EvalPlan("slider", "size", "large", None)
     with pytest.raises(UserError, match="only preserves"):
         plan_from_prompt_text('[[prompts]]\ntarget = "red"\naction = "preserve"\n')
     with pytest.raises(UserError, match="several attributes"):

@@ -67,6 +67,10 @@ def test_find_checkpoints(tmp_path, caplog):
     _lora(tmp_path / "other.safetensors")  # no metadata: left out, with a warning
     assert [c.step for c in find_checkpoints(tmp_path, "other")] == [10]
     assert "no ss_steps" in caplog.text
+    only_final = tmp_path / "only_final"
+    only_final.mkdir()
+    _lora(only_final / "run.safetensors", {"ss_steps": "600"})
+    assert [(c.step, c.path.name) for c in find_checkpoints(only_final, "run")] == [(600, "run.safetensors")]
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="--save_every_n_steps"):

@@ -38,6 +38,7 @@ def test_put_in_context():
     assert put_in_context("{}, oil painting", "") == "oil painting"
     assert put_in_context("{}", "van gogh") == "van gogh"
     assert put_in_context("{} in a forest", "a red car") == "a red car in a forest"
+    assert put_in_context(None, " red  car ") == " red  car "  # no context: the prompt exactly as written
 
 
 def test_erase_in_context_expands_every_prompt():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from library.errors import UserError
+from library.evaluation_metrics import _rate, erase_metrics, open_metrics
 from library.sampling import make_grid
 
 logger = logging.getLogger(__name__)
@@ -37,12 +37,20 @@ class EvalPlan:
         attribute: the attribute it acts on (``"color"``, ``"size"``, ``"shape"``).
         value: the erased/enhanced value, or the slider's positive pole (None for a negative-only slider).
         negative: the slider's negative pole (None otherwise, or for a positive-only slider).
+        also_erased: further values of the same attribute that one erase LoRA erases (a
+            two-concept erase such as red and blue); ``value`` is the first.
     """
 
     mode: str
     attribute: str
     value: str | None
     negative: str | None = None
+    also_erased: tuple[str, ...] = ()
+
+    @property
+    def erased(self) -> tuple[str, ...]:
+        """Every erased value (empty unless ``mode`` is erase)."""
+        return (self.value, *self.also_erased) if self.mode == "erase" and self.value else ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,20 +65,39 @@ def _concept_words(text: str) -> dict[str, str]:
     return {lookup[word]: word for word in cleaned.split() if word in lookup}
 
 
+def _prompt_concept(setting) -> tuple[str, str]:
+    """The (attribute, value) a ``[[prompts]]`` setting acts on: its positive's concept words minus
+    those of its context (the words its unconditional shares)."""
+    words = _concept_words(setting.positive) or _concept_words(setting.target)
+    context = _concept_words(setting.unconditional)
+    words = {attribute: value for attribute, value in words.items() if context.get(attribute) != value}
+    if len(words) != 1:
+        raise UserError(f"cannot tell which concept the LoRA {setting.action}s from {setting.positive!r}; pass --{setting.action} WORD")
+    (attribute, value), = words.items()
+    return attribute, value
+
+
 def plan_from_prompt_text(toml_text: str) -> EvalPlan:
-    """Infer the plan from the prompt TOML stored in the LoRA's metadata (``ss_leco_prompts``)."""
+    """Infer the plan from the prompt TOML stored in the LoRA's metadata (``ss_leco_prompts``).
+
+    ``preserve`` entries (anchors) are not what the LoRA does and are skipped; every erase entry
+    counts, so a file erasing red and blue gives one plan with both values.
+    """
     from library.prompts import parse_prompt_text
 
-    settings = parse_prompt_text(toml_text, Path("."), "ss_leco_prompts")
+    settings = parse_prompt_text(toml_text, Path("."), "ss_leco_prompts", without_files=True)  # the files are not at hand
+    settings = [setting for setting in settings if setting.action != "preserve"]
+    if not settings:
+        raise UserError("the prompt file only preserves (no erase, enhance or slider entry); nothing to evaluate")
     first = settings[0]
     if not first.source.startswith("[[targets]]"):
-        words = _concept_words(first.positive) or _concept_words(first.target)
-        context = _concept_words(first.unconditional)
-        words = {attribute: value for attribute, value in words.items() if context.get(attribute) != value}
-        if len(words) != 1:
-            raise UserError(f"cannot tell which concept the LoRA {first.action}s from {first.positive!r}; pass --{first.action} WORD")
-        (attribute, value), = words.items()
-        return EvalPlan(first.action, attribute, value)
+        same = [setting for setting in settings if setting.action == first.action and not setting.source.startswith("[[targets]]")]
+        concepts = [_prompt_concept(setting) for setting in (same if first.action == "erase" else [first])]
+        attributes = sorted({attribute for attribute, _ in concepts})
+        if len(attributes) != 1:
+            raise UserError(f"the LoRA {first.action}s values of several attributes ({', '.join(attributes)}); pass --{first.action} WORD")
+        values = list(dict.fromkeys(value for _, value in concepts))
+        return EvalPlan(first.action, attributes[0], values[0], also_erased=tuple(values[1:]))
     plus = next(setting for setting in settings if setting.multiplier > 0)
     if plus.action == "enhance":
         positive, negative = _concept_words(plus.positive), _concept_words(plus.unconditional)
@@ -87,7 +114,8 @@ def plan_from_prompt_text(toml_text: str) -> EvalPlan:
 
 
 def plan_from_flags(erase: str | None, enhance: str | None, slider: str | None) -> EvalPlan | None:
-    """The plan given on the command line (``--erase red``, ``--enhance large``, ``--slider large,small``)."""
+    """The plan given on the command line (``--erase red`` or ``--erase red,blue``, ``--enhance large``,
+    ``--slider large,small``)."""
     chosen = [(mode, text) for mode, text in (("erase", erase), ("enhance", enhance), ("slider", slider)) if text]
     if not chosen:
         return None
@@ -103,95 +131,49 @@ def plan_from_flags(erase: str | None, enhance: str | None, slider: str | None) 
         if len(words) != 2:
             raise UserError(f"--slider {text}: give two values, positive,negative (e.g. large,small)")
         return EvalPlan("slider", attribute, words[0], words[1])
-    return EvalPlan(mode, attribute, words[0])
+    if mode == "enhance" and len(words) > 1:
+        raise UserError(f"--enhance {text}: give one value (e.g. small)")
+    return EvalPlan(mode, attribute, words[0], also_erased=tuple(dict.fromkeys(words[1:])))
+
+
+BARE_SEED_FACTOR = 6
+"""A bare prompt (``"red"``) is sampled with this many times the seeds of one in-context prompt, so
+it gets as many samples as the 6 full prompts that name the value."""
 
 
 def prompt_sets(plan: EvalPlan) -> dict[str, list[str]]:
     """The prompts to sample, grouped by role.
 
-    erase: ``target`` (full prompts naming the erased value) and ``others`` (full prompts that do
-    not; collateral damage shows there). enhance/slider: ``open`` prompts that name every
+    erase: for each erased value, ``target`` (in context: the full prompts naming it, e.g.
+    ``"a large red square"``) and ``bare`` (the value alone, ``"red"``), with ``/VALUE`` appended
+    to the names for the second and later values; then ``others`` (full prompts naming no erased
+    value; collateral damage shows there). enhance/slider: ``open`` prompts that name every
     attribute except the one acted on, so the model is free to choose it.
     """
     from library.concept_world import scenes
 
     if plan.mode == "erase":
         full = scenes.full_prompts()
-        target = [prompt for prompt in full if scenes.parse_prompt(prompt)[plan.attribute] == plan.value]
-        others = [prompt for prompt in full if prompt not in target]
-        return {"target": target, "others": others}
+        groups: dict[str, list[str]] = {}
+        for index, value in enumerate(plan.erased):
+            suffix = f"/{value}" if index else ""
+            groups[f"target{suffix}"] = [prompt for prompt in full if scenes.parse_prompt(prompt)[plan.attribute] == value]
+            groups[f"bare{suffix}"] = [value]
+        groups["others"] = [prompt for prompt in full if scenes.parse_prompt(prompt)[plan.attribute] not in plan.erased]
+        return groups
     combos = {tuple(sorted((k, v) for k, v in combo.items() if k != plan.attribute)) for combo in scenes.all_attribute_combinations()}
     return {"open": sorted(scenes.make_prompt(dict(combo)) for combo in combos)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics (pure)
+SAMPLE_BATCH = 96
+"""Samples per U-Net batch when sampling a plan (measured on the 2-vCPU machine: batches of 96
+were as fast per sample as any size tried, 256 the slowest)."""
 
 
-def _rate(predicted: Sequence[dict], attribute: str, value: str) -> float:
-    return sum(item[attribute] == value for item in predicted) / max(len(predicted), 1)
-
-
-def _accuracy(predicted: Sequence[dict], expected: Sequence[dict], skip: str | None = None) -> float:
-    pairs = [(p[k], e[k]) for p, e in zip(predicted, expected) for k in e if k != skip]
-    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
-
-
-def erase_metrics(plan: EvalPlan, results: dict[float, dict[str, tuple[list, list]]], unprompted_rate: float | None = None) -> dict:
-    """Target rate and preservation per multiplier, and efficacy ``1 - rate(1) / rate(0)``.
-
-    LECO's erase maps the concept onto what the frozen model draws when the concept is not asked
-    for, so the erased value can only fall to its ``unprompted_rate`` (how often the model draws it
-    unasked: about 1/4 for one of four colours). ``erased_to_chance`` measures against that floor:
-    1.0 means "red" no longer makes red any likelier than not asking for a colour.
-    """
-    per = {}
-    for multiplier, groups in results.items():
-        target_pred, target_exp = groups["target"]
-        other_pred, other_exp = groups["others"]
-        per[multiplier] = {
-            "target_rate": round(_rate(target_pred, plan.attribute, plan.value), 4),
-            "preserved_other_attributes": round(_accuracy(target_pred, target_exp, skip=plan.attribute), 4),
-            "preserved_other_prompts": round(_accuracy(other_pred, other_exp), 4),
-        }
-    base, on = per.get(0.0), per.get(1.0)
-    summary = {}
-    if base and on:
-        summary = {
-            "erase_efficacy": round(1 - on["target_rate"] / base["target_rate"], 4) if base["target_rate"] else None,
-            "preservation_other_attributes": round(on["preserved_other_attributes"] / max(base["preserved_other_attributes"], 1e-9), 4),
-            "preservation_other_prompts": round(on["preserved_other_prompts"] / max(base["preserved_other_prompts"], 1e-9), 4),
-        }
-        if unprompted_rate is not None:
-            summary["unprompted_rate"] = round(unprompted_rate, 4)
-            headroom = base["target_rate"] - unprompted_rate
-            if headroom > 0:
-                summary["erased_to_chance"] = round((base["target_rate"] - on["target_rate"]) / headroom, 4)
-    return {"per_multiplier": per, **summary}
-
-
-def open_metrics(plan: EvalPlan, results: dict[float, dict[str, tuple[list, list]]]) -> dict:
-    """Enhance strength (``rate(1) - rate(0)``) or slider rates and monotonicity across multipliers."""
-    per = {}
-    for multiplier, groups in results.items():
-        predicted, expected = groups["open"]
-        row = {"preserved_other_attributes": round(_accuracy(predicted, expected), 4)}
-        if plan.value:
-            row["rate"] = round(_rate(predicted, plan.attribute, plan.value), 4)
-        if plan.negative:
-            row["negative_rate"] = round(_rate(predicted, plan.attribute, plan.negative), 4)
-        per[multiplier] = row
-    ordered = [per[m] for m in sorted(per)]
-    summary: dict = {}
-    if plan.mode == "enhance" and 0.0 in per and 1.0 in per:
-        summary["enhance_strength"] = round(per[1.0]["rate"] - per[0.0]["rate"], 4)
-    if plan.mode == "slider":
-        rising = all(a.get("rate", 0) <= b.get("rate", 0) for a, b in zip(ordered, ordered[1:]))
-        falling = all(a.get("negative_rate", 0) >= b.get("negative_rate", 0) for a, b in zip(ordered, ordered[1:]))
-        summary["monotonic"] = rising and falling
-        key = "rate" if plan.value else "negative_rate"
-        summary["span"] = round(abs(ordered[-1][key] - ordered[0][key]), 4)
-    return {"per_multiplier": per, **summary}
+def group_seeds(name: str, seeds_per_prompt: int, base_seed: int = 0) -> list[int]:
+    """The noise seeds of every prompt in group ``name`` (bare groups get ``BARE_SEED_FACTOR`` times more)."""
+    count = seeds_per_prompt * (BARE_SEED_FACTOR if name.startswith("bare") else 1)
+    return [base_seed + index for index in range(count)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,44 +235,96 @@ class EvalOptions:
     base_seed: int = 0
 
 
-def evaluate_concept_lora(model: str | Path, lora: str | Path, plan: EvalPlan, options: EvalOptions):
-    """Sample, classify and score; returns ``(report, grid image)``."""
+@dataclass
+class ConceptSamples:
+    """Classified samples of a plan's prompt sets at some multipliers.
+
+    Attributes:
+        results: ``{multiplier: {group: (predicted, expected)}}`` (see :func:`prompt_sets`).
+        columns: ``{multiplier: (rows, H, W, 3) uint8}``: the first seed of the first group's first
+            ``grid_rows`` prompts, for the grid.
+        unprompted_rate: erase plans sampled at multiplier 0: how often the base model draws the
+            erased value for prompts that leave its attribute open.
+    """
+
+    results: dict[float, dict[str, tuple[list, list]]]
+    columns: dict[float, np.ndarray]
+    unprompted_rate: float | None = None
+
+    def merged(self, other: ConceptSamples) -> ConceptSamples:
+        """These samples and ``other``'s (e.g. a LoRA's multipliers next to a shared base at 0)."""
+        unprompted = self.unprompted_rate if self.unprompted_rate is not None else other.unprompted_rate
+        return ConceptSamples({**self.results, **other.results}, {**self.columns, **other.columns}, unprompted)
+
+
+def sample_concept_plan(pipe, plan: EvalPlan, options: EvalOptions, multipliers: Sequence[float]) -> ConceptSamples:
+    """Sample and classify every prompt set of ``plan`` at each multiplier, one batched call per multiplier.
+
+    The same (prompt, seed) gives the same sample whatever else is in the batch, so splitting or
+    merging these calls does not change the results. Bare-prompt groups are sampled at
+    non-negative multipliers only.
+    """
     from library.concept_world import scenes
     from library.concept_world.classifier import classify_latents
-    from library.concept_world.sampling import latents_to_rgb
+    from library.concept_world.sampling import latents_to_rgb, sample_latents
 
+    groups = prompt_sets(plan)
+    first_group = next(iter(groups))
+    grid_count = min(options.grid_rows, len(groups[first_group]))
+    samples = ConceptSamples({}, {})
+    for multiplier in multipliers:
+        # bare rates count at 0 and 1 (efficacy); a negative weight only shows in the grid
+        named = {name: prompts for name, prompts in groups.items() if multiplier >= 0 or not name.startswith("bare")}
+        if plan.mode == "erase" and multiplier == 0.0:
+            named["unprompted"] = prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
+        flat_prompts: list[str] = []
+        flat_seeds: list[int] = []
+        spans: dict[str, tuple[int, int, int]] = {}
+        for name, prompts in named.items():
+            seeds = group_seeds(name, options.seeds_per_prompt, options.base_seed)
+            start = len(flat_prompts)
+            flat_prompts += [prompt for prompt in prompts for _ in seeds]
+            flat_seeds += [seed for _ in prompts for seed in seeds]
+            spans[name] = (start, len(flat_prompts), len(seeds))
+        pipe.set_adapters([ADAPTER], [multiplier])
+        latents = sample_latents(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, flat_prompts, flat_seeds,
+                                 guidance_scale=options.guidance_scale, steps=options.steps, batch_size=SAMPLE_BATCH)
+        predicted = classify_latents(latents)
+        samples.results[multiplier] = {}
+        for name, (start, end, seed_count) in spans.items():
+            group = (predicted[start:end], [scenes.parse_prompt(prompt) for prompt in flat_prompts[start:end]])
+            if name == "unprompted":
+                samples.unprompted_rate = _rate(group[0], plan.attribute, plan.value)
+                continue
+            samples.results[multiplier][name] = group
+            if name == first_group:
+                samples.columns[multiplier] = latents_to_rgb(latents[start:end:seed_count][:grid_count])
+    return samples
+
+
+def plan_metrics(plan: EvalPlan, samples: ConceptSamples) -> dict:
+    """The plan's metrics (:func:`erase_metrics` or :func:`open_metrics`) of classified samples."""
+    if plan.mode == "erase":
+        return erase_metrics(plan, samples.results, samples.unprompted_rate)
+    return open_metrics(plan, samples.results)
+
+
+def evaluate_concept_lora(model: str | Path, lora: str | Path, plan: EvalPlan, options: EvalOptions):
+    """Sample, classify and score; returns ``(report, grid image)``."""
     pipe = load_pipeline(model, lora)
     groups = prompt_sets(plan)
-    seeds = [options.base_seed + index for index in range(options.seeds_per_prompt)]
-    first_group = next(iter(groups))
-    grid_prompts = groups[first_group][: options.grid_rows]
-    results: dict[float, dict[str, tuple[list, list]]] = {}
-    columns: dict[float, np.ndarray] = {}
-    for multiplier in options.multipliers:
-        results[multiplier] = {}
-        for name, prompts in groups.items():
-            latents = concept_samples(pipe, prompts, seeds, multiplier, options.steps, options.guidance_scale)
-            predicted = classify_latents(latents)
-            expected = [scenes.parse_prompt(prompt) for prompt in prompts for _ in seeds]
-            results[multiplier][name] = (predicted, expected)
-            if name == first_group:
-                first_seed = latents[:: len(seeds)][: len(grid_prompts)]
-                columns[multiplier] = latents_to_rgb(first_seed)
-    if plan.mode == "erase":
-        unprompted = prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
-        latents = concept_samples(pipe, unprompted, seeds, 0.0, options.steps, options.guidance_scale)
-        metrics = erase_metrics(plan, results, _rate(classify_latents(latents), plan.attribute, plan.value))
-    else:
-        metrics = open_metrics(plan, results)
-    images = [[columns[m][row] for m in options.multipliers] for row in range(len(grid_prompts))]
+    samples = sample_concept_plan(pipe, plan, options, options.multipliers)
+    grid_prompts = next(iter(groups.values()))[: options.grid_rows]
+    images = [[samples.columns[m][row] for m in options.multipliers] for row in range(len(grid_prompts))]
     grid = make_grid(images, grid_prompts, [f"x{m:g}" for m in options.multipliers])
     report = {
         "model": str(model),
         "lora": str(lora),
         "plan": asdict(plan),
         "options": asdict(options),
-        "samples_per_multiplier": sum(len(prompts) for prompts in groups.values()) * len(seeds),
-        "metrics": metrics,
+        "samples_per_multiplier": sum(len(prompts) * len(group_seeds(name, options.seeds_per_prompt))
+                                      for name, prompts in groups.items()),
+        "metrics": plan_metrics(plan, samples),
     }
     return report, grid
 
@@ -325,7 +359,7 @@ def evaluate_merged_model(model: str | Path, lora: str | Path, merged: str | Pat
     from library.concept_world.sampling import latents_to_rgb
 
     with_lora, baked = load_pipeline(model, lora), load_pipeline(merged, None)
-    groups = prompt_sets(plan)
+    groups = {name: prompts for name, prompts in prompt_sets(plan).items() if not name.startswith("bare")}  # as before issue 12
     seeds = [options.base_seed + index for index in range(options.seeds_per_prompt)]
     runs: dict[str, dict[str, tuple[list, list]]] = {"base": {}, "lora": {}, "merged": {}}
     agree, total, largest = 0, 0, 0.0
@@ -373,70 +407,7 @@ def is_concept_world(model: str | Path) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: evaluate one LoRA; prints the JSON report, writes it and the grid."""
-    import argparse
+    """The command line (``python -m tools.evaluate``), kept here for callers; see ``library.evaluation_cli``."""
+    from library.evaluation_cli import main as cli_main
 
-    from networks.lora_files import read_lora_metadata
-
-    parser = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="diffusers model folder (the concept world or a real model)")
-    parser.add_argument("--lora", required=True, help="LoRA .safetensors to evaluate")
-    parser.add_argument("--multipliers", default="-1,0,1", help="LoRA weights to sample at (default -1,0,1)")
-    parser.add_argument("--erase", help="concept-world value the LoRA erases (default: read from its metadata)")
-    parser.add_argument("--enhance", help="concept-world value the LoRA enhances")
-    parser.add_argument("--slider", help="slider poles positive,negative (e.g. large,small)")
-    parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt (default 8)")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    parser.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale (default 5)")
-    parser.add_argument("--prompts", nargs="*", default=["a photo"], help="prompts for real models (grid only)")
-    parser.add_argument("--merged", help="concept world: a model folder with this LoRA merged in (networks/merge_lora.py); "
-                                         "compare it with the LoRA at --ratio instead of sampling --multipliers")
-    parser.add_argument("--ratio", type=float, default=1.0, help="the ratio the LoRA was merged at (with --merged; default 1)")
-    parser.add_argument("--out", help="report path (default: next to the LoRA, NAME.eval.json)")
-    parser.add_argument("--grid", help="grid PNG path (default: next to the LoRA, NAME.eval.png)")
-    from library.cli import join_signed_lists
-
-    args = parser.parse_args(join_signed_lists(list(sys.argv[1:] if argv is None else argv), ("--multipliers",)))
-    from library.quiet import quiet_third_party_output
-
-    quiet_third_party_output()
-    try:
-        multipliers = tuple(float(item) for item in args.multipliers.replace("=", "").split(","))
-        lora = Path(args.lora)
-        if not lora.is_file():
-            raise UserError(f"--lora: not found: {lora}")
-        if not (Path(args.model) / "model_index.json").is_file():
-            raise UserError(f"--model: {args.model} is not a diffusers model folder")
-        options = EvalOptions(multipliers=multipliers, seeds_per_prompt=args.seeds, steps=args.steps,
-                              guidance_scale=args.guidance_scale)
-        if is_concept_world(args.model):
-            plan = plan_from_flags(args.erase, args.enhance, args.slider)
-            if plan is None:
-                text = read_lora_metadata(lora).get("ss_leco_prompts")
-                if not text:
-                    raise UserError(f"{lora.name} has no ss_leco_prompts metadata; pass --erase/--enhance/--slider")
-                plan = plan_from_prompt_text(text)
-            if args.merged:
-                if not (Path(args.merged) / "model_index.json").is_file():
-                    raise UserError(f"--merged: {args.merged} is not a diffusers model folder")
-                report, grid = evaluate_merged_model(args.model, lora, args.merged, plan, options, args.ratio)
-            else:
-                report, grid = evaluate_concept_lora(args.model, lora, plan, options)
-        elif args.merged:
-            raise UserError("--merged compares metrics, which only the concept world has")
-        else:
-            report, grid = evaluate_images_only(args.model, lora, args.prompts, options)
-    except (UserError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    suffix = ".merged.eval" if args.merged else ".eval"
-    out = Path(args.out) if args.out else lora.with_suffix(suffix + ".json")
-    grid_path = Path(args.grid) if args.grid else lora.with_suffix(suffix + ".png")
-    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    grid.save(grid_path)
-    report["grid"] = str(grid_path)
-    shown = report["metrics"] if "metrics" in report else {key: report[key] for key in ("lora_metrics", "merged_metrics",
-                                                                                       "same_classification")}
-    print(json.dumps(shown, indent=2))
-    print(f"report: {out}\ngrid: {grid_path}")
-    return 0
+    return cli_main(argv)

@@ -3,7 +3,7 @@
 U-Net calls per step: k for the trajectory (CFG halves batched together, none when the denoise
 guidance is 1), one batched call for the frozen predictions (each distinct prompt once, LoRA
 switched off), and one training forward with the LoRA at the setting's multiplier (the only
-call with a gradient).
+call with a gradient; a setting with ``anchors`` adds one more, for all its anchors at once).
 """
 
 from __future__ import annotations
@@ -134,10 +134,12 @@ class LecoStep:
     @torch.no_grad()
     def frozen_predictions(self, setting: PromptSetting | Sequence[PromptSetting], latents: torch.Tensor,
                            timesteps: torch.Tensor, time_ids) -> dict[str, torch.Tensor]:
-        """Frozen-model predictions for positive/neutral/unconditional (of one setting or several sharing
-        ``latents``), each distinct prompt once, one call."""
+        """Frozen-model predictions for positive/neutral/unconditional and the anchors (of one setting or
+        several sharing ``latents``), each distinct prompt once, one call; a preserve setting needs only
+        its own prompt's."""
         settings = tuple(setting) if isinstance(setting, (list, tuple)) else (setting,)
-        prompts = list(dict.fromkeys(p for s in settings for p in (s.positive, s.neutral, s.unconditional)))
+        prompts = list(dict.fromkeys(p for s in settings for p in (
+            (s.neutral,) if s.action == "preserve" else (s.positive, s.neutral, s.unconditional, *s.anchors))))
         batch = latents.shape[0]
         cond = self.conditioning([prompt for prompt in prompts for _ in range(batch)], time_ids)
         with self.network.multiplier_context(0.0):
@@ -168,13 +170,32 @@ class LecoStep:
             steps_on_cpu = torch.full((latents.shape[0],), timestep, dtype=torch.long)
         timesteps = steps_on_cpu.to(self.device)
         frozen = self.frozen_predictions(setting, latents, timesteps, time_ids)
-        target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.unconditional],
-                              setting.guidance_scale, setting.action)
+        if setting.action == "preserve":  # an anchor: the frozen model's own prediction for the prompt
+            target = frozen[setting.neutral]
+        else:
+            target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.unconditional],
+                                  setting.guidance_scale, setting.action)
         cond = self.conditioning([setting.target] * latents.shape[0], time_ids)
         self.network.set_multiplier(setting.multiplier)
         prediction = self.predict(latents, timesteps, cond)
         losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(steps_on_cpu))
-        return (losses * self.loss_weights(steps_on_cpu).to(losses.device)).mean() * setting.weight
+        loss = (losses * self.loss_weights(steps_on_cpu).to(losses.device)).mean() * setting.weight
+        if setting.anchors:
+            loss = loss + self.anchor_loss(setting, latents, timesteps, steps_on_cpu, frozen, time_ids)
+        return loss
+
+    def anchor_loss(self, setting: PromptSetting, latents: torch.Tensor, timesteps: torch.Tensor, steps_on_cpu: torch.Tensor,
+                    frozen: dict[str, torch.Tensor], time_ids) -> torch.Tensor:
+        """The setting's anchors held where the frozen model has them, at the same x_t (issue 12):
+        ``weight * anchor_weight * sum_a loss(LoRA(x_t, a), frozen(x_t, a))``, one LoRA call for all anchors."""
+        count, batch = len(setting.anchors), latents.shape[0]
+        cond = self.conditioning([anchor for anchor in setting.anchors for _ in range(batch)], time_ids)
+        prediction = self.predict(latents.repeat(count, 1, 1, 1), timesteps.repeat(count), cond)  # (count*B, 4, h, w)
+        target = torch.cat([frozen[anchor] for anchor in setting.anchors])
+        steps = steps_on_cpu.repeat(count)
+        losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(steps))
+        weighted = (losses * self.loss_weights(steps).to(losses.device)).view(count, batch)
+        return weighted.mean(dim=1).sum() * setting.anchor_weight * setting.weight
 
     def setting_loss(self, setting: PromptSetting, latents: torch.Tensor, timestep: int | torch.Tensor, time_ids) -> torch.Tensor:
         """:meth:`loss_at`, or both slider poles from this x_t where ``setting`` has a partner."""

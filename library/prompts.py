@@ -8,7 +8,9 @@ one setting uniformly. Every error names the file, the entry and the key::
 
 Formats (see ``docs/train_leco.md``):
 
-* ``[[prompts]]`` (original LECO): one setting per entry.
+* ``[[prompts]]`` (original LECO): one setting per entry, or one per context with ``contexts``
+  (``library.prompt_contexts``); ``action = "preserve"`` entries are anchors the LoRA must leave as
+  the frozen model has them.
 * ``[[targets]]`` (slider): each target expands to one setting per neutral x resolution x
   direction. With both poles P and N, the ``+multiplier`` setting trains toward
   ``eps(neutral) + g * (eps(P) - eps(N))`` and the ``-multiplier`` one toward
@@ -20,24 +22,35 @@ from __future__ import annotations
 import difflib
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from library.errors import UserError
+from library.prompt_contexts import (
+    ANCHOR_KEYS,
+    CONTEXT_KEYS,
+    anchors_of,
+    check_preserve_entry,
+    context_label,
+    contexts_of,
+    drop_file_keys,
+    put_in_context,
+    read_prompt_lines,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-ACTIONS = ("erase", "enhance")
+ACTIONS = ("erase", "enhance", "preserve")
 
 # Keys an entry of each table may hold; top-level defaults are listed separately below.
 PROMPT_KEYS = (
     "target", "positive", "unconditional", "neutral", "action", "guidance_scale", "resolution",
     "batch_size", "multiplier", "weight", "dynamic_resolution", "dynamic_crops",
-)
+) + CONTEXT_KEYS + ANCHOR_KEYS
 TARGET_KEYS = (
     "target_class", "positive", "negative", "multiplier", "weight", "guidance_scale", "resolution",
     "resolutions", "batch_size", "neutral", "neutrals", "neutral_prompt_file", "dynamic_resolution",
@@ -46,7 +59,7 @@ TARGET_KEYS = (
 # Top-level keys that are defaults for both tables, and those that only [[targets]] read.
 SHARED_DEFAULT_KEYS = ("guidance_scale", "resolution", "batch_size", "dynamic_resolution", "dynamic_crops")
 TARGET_ONLY_DEFAULT_KEYS = ("resolutions", "neutral", "neutrals", "neutral_prompt_file")
-TOP_LEVEL_KEYS = ("prompts", "targets") + SHARED_DEFAULT_KEYS + TARGET_ONLY_DEFAULT_KEYS
+TOP_LEVEL_KEYS = ("prompts", "targets") + SHARED_DEFAULT_KEYS + TARGET_ONLY_DEFAULT_KEYS + CONTEXT_KEYS + ANCHOR_KEYS
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "guidance_scale": 1.0,
@@ -84,6 +97,8 @@ class PromptSetting:
     dynamic_resolution: bool = False
     dynamic_crops: bool = False
     source: str = ""  # where it came from, e.g. "[[targets]][1] +"
+    anchors: tuple[str, ...] = ()  # prompts held at the frozen prediction at this setting's x_t (issue 12)
+    anchor_weight: float = 1.0
 
     @property
     def log_group(self) -> str:
@@ -96,7 +111,7 @@ class PromptSetting:
     @property
     def prompts(self) -> tuple[str, ...]:
         """Every prompt this setting needs encoded."""
-        return (self.target, self.positive, self.unconditional, self.neutral)
+        return (self.target, self.positive, self.unconditional, self.neutral, *self.anchors)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly view (used in metadata and logs)."""
@@ -114,6 +129,8 @@ class PromptSetting:
             "dynamic_resolution": self.dynamic_resolution,
             "dynamic_crops": self.dynamic_crops,
             "source": self.source,
+            "anchors": list(self.anchors),
+            "anchor_weight": self.anchor_weight,
         }
 
 
@@ -242,20 +259,7 @@ def _as_str_list(value: Any, key: str, where: _Where) -> list[str]:
 
 
 def _read_neutral_file(value: Any, base_dir: Path, where: _Where) -> list[str]:
-    name = _as_str(value, "neutral_prompt_file", where)
-    path = Path(name).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
-    if not path.is_file():
-        raise where.error(f"file not found: {path}", "neutral_prompt_file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise where.error(f"{path} is not a UTF-8 text file", "neutral_prompt_file") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    if not prompts:
-        raise where.error(f"{path} holds no prompts (blank lines and # lines are skipped)", "neutral_prompt_file")
-    return prompts
+    return [line for _, line in read_prompt_lines(value, base_dir, "neutral_prompt_file", where)]
 
 
 def _neutrals_of(table: dict, base_dir: Path, where: _Where) -> list[str] | None:
@@ -338,7 +342,8 @@ def _check_top_level_defaults(data: dict, where: _Where) -> None:
             _as_bool(data[key], key, where)
 
 
-def _expand_prompt_entry(entry: dict, defaults: dict, where: _Where) -> list[PromptSetting]:
+def _expand_prompt_entry(entry: dict, defaults: dict, default_contexts: list[str] | None, base_dir: Path,
+                         where: _Where) -> list[PromptSetting]:
     _check_keys(entry, PROMPT_KEYS, where)
     if "target" not in entry:
         raise where.error("missing required key 'target'")
@@ -347,13 +352,25 @@ def _expand_prompt_entry(entry: dict, defaults: dict, where: _Where) -> list[Pro
     positive = _as_str(merged.get("positive", target), "positive", where)
     action = _as_str(merged["action"], "action", where)
     if action not in ACTIONS:
-        raise where.error(f"must be 'erase' or 'enhance', got {action!r}{_suggest(action, ACTIONS, 'values')}", "action")
+        raise where.error(f"must be 'erase', 'enhance' or 'preserve', got {action!r}{_suggest(action, ACTIONS, 'values')}",
+                          "action")
     common = _common_fields(merged, where)
     unconditional = _as_str(merged["unconditional"], "unconditional", where)
     neutral = _as_str(merged["neutral"], "neutral", where)
+    anchors, anchor_weight = anchors_of(entry, defaults, target, action, where)
+    if action == "preserve":  # an anchor: regress onto the frozen prediction for the target itself
+        check_preserve_entry(entry, where)
+        positive = neutral = target
+        common = replace(common, guidance_scale=0.0)
+    contexts = contexts_of(entry, base_dir, where)
+    if contexts is None:
+        contexts = default_contexts
+    prompts = {"target": target, "positive": positive, "unconditional": unconditional, "neutral": neutral}
     return [
-        _setting(common, resolution, common.multiplier, where.entry, target=target, positive=positive,
-                 unconditional=unconditional, neutral=neutral, action=action)
+        replace(_setting(common, resolution, common.multiplier, where.entry + context_label(context), action=action,
+                         **{name: put_in_context(context, text) for name, text in prompts.items()}),
+                anchors=tuple(dict.fromkeys(put_in_context(context, anchor) for anchor in anchors)), anchor_weight=anchor_weight)
+        for context in contexts or [None]
         for resolution in common.resolutions
     ]
 
@@ -439,13 +456,16 @@ def _entries(data: dict, table: str, where: _Where) -> list[dict]:
     return value
 
 
-def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml") -> tuple[PromptSetting, ...]:
+def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml", without_files: bool = False
+                      ) -> tuple[PromptSetting, ...]:
     """Parse prompt-file text and expand it into settings.
 
     Args:
         text: the TOML text.
-        base_dir: folder that relative ``neutral_prompt_file`` paths are resolved against.
+        base_dir: folder that relative ``neutral_prompt_file`` / ``context_prompt_file`` paths are resolved against.
         file_label: name used in error messages.
+        without_files: ignore ``neutral_prompt_file`` and ``context_prompt_file`` (the text of a LoRA's
+            metadata, read where those files are not at hand: what each entry trains stays the same).
 
     Raises:
         UserError: on invalid TOML, unknown keys, wrong types or out-of-range values.
@@ -455,11 +475,17 @@ def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{file_label}: invalid TOML: {exc}") from None
+    if without_files:
+        drop_file_keys(data)
     _check_keys(data, TOP_LEVEL_KEYS, top)
     prompt_entries = _entries(data, "prompts", top)
     target_entries = _entries(data, "targets", top)
     if not prompt_entries and not target_entries:
         raise top.error("no [[prompts]] or [[targets]] entries found (see docs/train_leco.md)")
+    if not prompt_entries:
+        for key in CONTEXT_KEYS + ANCHOR_KEYS:
+            if key in data:
+                raise top.error(f"'{key}' is a default for [[prompts]] only and the file has no [[prompts]] entry", key)
     if not target_entries:
         for key in TARGET_ONLY_DEFAULT_KEYS:
             if key in data:
@@ -469,11 +495,15 @@ def parse_prompt_text(text: str, base_dir: Path, file_label: str = "prompts.toml
     _check_top_level_defaults(data, top)
     shared = {key: data[key] for key in SHARED_DEFAULT_KEYS if key in data}
     target_defaults = {**shared, **({"resolutions": data["resolutions"]} if "resolutions" in data else {})}
+    anchors_of(data, {}, None, "erase", top)  # top-level anchors are checked where they are written
+    prompt_defaults = {**shared, **{key: data[key] for key in ANCHOR_KEYS if key in data}}
     default_neutrals = _neutrals_of(data, base_dir, top)
+    default_contexts = contexts_of(data, base_dir, top)
 
     settings: list[PromptSetting] = []
     for index, entry in enumerate(prompt_entries, start=1):
-        settings += _expand_prompt_entry(entry, shared, _Where(file_label, f"[[prompts]][{index}]"))
+        settings += _expand_prompt_entry(entry, prompt_defaults, default_contexts, base_dir,
+                                         _Where(file_label, f"[[prompts]][{index}]"))
     for index, entry in enumerate(target_entries, start=1):
         where = _Where(file_label, f"[[targets]][{index}]")
         settings += _expand_target_entry(entry, target_defaults, default_neutrals, base_dir, where)

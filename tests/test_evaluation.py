@@ -77,6 +77,68 @@ def test_erase_metrics_by_hand():
     assert metrics["preservation_other_prompts"] == pytest.approx(5 / 6, abs=1e-4)
 
 
+def test_plan_skips_preserve_anchors_and_collects_every_erased_value():
+    """Contexts and anchors (issue 12): the concept is read in context, anchors are not what the
+    LoRA does, and a file erasing red and blue gives one plan with both."""
+    in_context = 'contexts = ["{}", "a large {} square"]\n[[prompts]]\ntarget = "red"\n'
+    assert plan_from_prompt_text(in_context) == EvalPlan("erase", "color", "red")
+    two = in_context + '[[prompts]]\ntarget = "blue"\n[[prompts]]\ntarget = "green"\naction = "preserve"\n'
+    plan = plan_from_prompt_text(two)
+    assert plan == EvalPlan("erase", "color", "red", also_erased=("blue",)) and plan.erased == ("red", "blue")
+    anchor_first = ('[[prompts]]\ntarget = "yellow"\naction = "preserve"\n'
+                    '[[prompts]]\ntarget = "a circle"\npositive = "a large circle"\nunconditional = "a circle"\naction = "enhance"\n')
+    assert plan_from_prompt_text(anchor_first) == EvalPlan("enhance", "size", "large")
+    # a LoRA's metadata holds the prompt file's text, not the files it names: what is trained is read without them
+    with_files = 'context_prompt_file = "missing.txt"\nneutral_prompt_file = "gone.txt"\n[[prompts]]\ntarget = "blue"\n'
+    assert plan_from_prompt_text(with_files) == EvalPlan("erase", "color", "blue")
+    slider = '[[targets]]\ntarget_class = "a circle"\npositive = "a large circle"\nneutral_prompt_file = "n.txt"\n'
+    assert plan_from_prompt_text(slider) == EvalPlan("slider", "size", "large", None)
+    with pytest.raises(UserError, match="only preserves"):
+        plan_from_prompt_text('[[prompts]]\ntarget = "red"\naction = "preserve"\n')
+    with pytest.raises(UserError, match="several attributes"):
+        plan_from_prompt_text('[[prompts]]\ntarget = "red"\n[[prompts]]\ntarget = "large"\n')
+    assert plan_from_flags("red,blue", None, None) == EvalPlan("erase", "color", "red", also_erased=("blue",))
+    with pytest.raises(UserError):
+        plan_from_flags(None, "large,small", None)
+
+
+def test_prompt_sets_bare_and_in_context_for_each_erased_value():
+    from library.evaluation import group_seeds
+
+    groups = prompt_sets(EvalPlan("erase", "color", "red", also_erased=("blue",)))
+    assert list(groups) == ["target", "bare", "target/blue", "bare/blue", "others"]
+    assert groups["bare"] == ["red"] and groups["bare/blue"] == ["blue"]
+    assert len(groups["target/blue"]) == 6 and all("blue" in prompt for prompt in groups["target/blue"])
+    assert len(groups["others"]) == 12 and not any("red" in p or "blue" in p for p in groups["others"])
+    assert group_seeds("target", 4) == [0, 1, 2, 3] and group_seeds("bare/blue", 4, base_seed=10) == list(range(10, 34))
+
+
+def test_erase_metrics_bare_kept_and_two_values_by_hand():
+    plan = EvalPlan("erase", "color", "red", also_erased=("blue",))
+    red, blue = _samples([("large", "red", "circle")] * 4), _samples([("large", "blue", "circle")] * 4)
+    green, yellow = _samples([("small", "green", "square")] * 2), _samples([("small", "yellow", "square")] * 2)
+    other_expected = green + yellow
+
+    def groups(red_drawn: list, red_bare: list, blue_drawn: list, blue_bare: list, others: list) -> dict:
+        return {"target": (red_drawn, red), "bare": (red_bare, red[:2]), "target/blue": (blue_drawn, blue),
+                "bare/blue": (blue_bare, blue[:2]), "others": (others, other_expected)}
+
+    results = {
+        0.0: groups(red, red[:2], blue, blue[:2], other_expected),
+        1.0: groups(red[:1] + green[:1] * 3, green, blue[:2] + green[:1] * 2, blue[:1] + green[:1],
+                    green + yellow[:1] + green[:1]),
+    }
+    metrics = erase_metrics(plan, results, unprompted_rate=0.25)
+    on = metrics["per_multiplier"][1.0]
+    assert (on["target_rate"], on["bare_rate"]) == (0.25, 0.0)
+    assert on["values"] == {"red": {"target_rate": 0.25, "bare_rate": 0.0}, "blue": {"target_rate": 0.5, "bare_rate": 0.5}}
+    assert (metrics["erase_efficacy"], metrics["bare_efficacy"]) == (0.75, 1.0)
+    assert metrics["efficacy"] == {"red": {"in_context": 0.75, "bare": 1.0}, "blue": {"in_context": 0.5, "bare": 0.5}}
+    # kept: green asked 2x, drawn 2x; yellow asked 2x, drawn 1x -> 0.5 of its base rate 1.0
+    assert on["kept_rates"] == {"green": 1.0, "yellow": 0.5}
+    assert metrics["kept_ratio"] == {"green": 1.0, "yellow": 0.5} and metrics["min_kept_ratio"] == 0.5
+
+
 def test_slider_metrics_and_monotonicity():
     plan = EvalPlan("slider", "size", "large", "small")
     expected = _samples([("", "red", "circle")] * 4)
@@ -124,7 +186,7 @@ def test_evaluator_command_on_a_real_model_writes_a_vae_decoded_grid(tiny_sd_dir
     from PIL import Image
 
     import train_leco
-    from library.evaluation import main
+    from library.evaluation_cli import main
     from tests.helpers import base_argv, write_prompts
 
     assert train_leco.main(base_argv(tiny_sd_dir, write_prompts(tmp_path, "erase"), tmp_path / "out", steps=1)) == 0
@@ -148,7 +210,7 @@ def test_evaluator_command_reads_the_plan_from_the_lora_metadata(tmp_path, capsy
 
     import train_leco
     from library.concept_world.model import ensure_concept_model
-    from library.evaluation import main
+    from library.evaluation_cli import main
 
     model = ensure_concept_model()
     prompts = Path(__file__).resolve().parents[1] / "examples" / "concept_slider_size.toml"
@@ -157,6 +219,6 @@ def test_evaluator_command_reads_the_plan_from_the_lora_metadata(tmp_path, capsy
     assert train_leco.main(argv) == 0
     assert main(["--model", str(model), "--lora", str(tmp_path / "leco.safetensors"), "--seeds", "1", "--steps", "5"]) == 0
     report = json.loads((tmp_path / "leco.eval.json").read_text(encoding="utf-8"))
-    assert report["plan"] == {"mode": "slider", "attribute": "size", "value": "large", "negative": "small"}
+    assert report["plan"] == {"mode": "slider", "attribute": "size", "value": "large", "negative": "small", "also_erased": []}
     assert set(report["metrics"]["per_multiplier"]) == {"-1.0", "0.0", "1.0"} and "monotonic" in report["metrics"]
     assert (tmp_path / "leco.eval.png").is_file()

@@ -218,3 +218,49 @@ def test_random_resolution_buckets(size):
         assert 0.8 * area <= height * width <= area
         assert 0.5 <= width / height <= 2.0
     assert {(h, w) for h, w in seen if h != w} == {(w, h) for h, w in seen if h != w}  # portrait and landscape alike
+
+
+def test_preserve_anchor_regresses_the_lora_onto_the_frozen_prediction(sd_step):
+    """action = "preserve" (issue 12): one frozen prediction (the target's own) and the loss
+    weight * mean((LoRA(x_t, target) - frozen(x_t, target))^2), computed here by hand."""
+    anchor = dataclasses.replace(SETTING, target="a photo", positive="a photo", neutral="a photo", unconditional="",
+                                 action="preserve", guidance_scale=0.0, weight=3.0)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    timesteps = torch.full((2,), 300)
+    assert set(sd_step.frozen_predictions(anchor, latents, timesteps, None)) == {"a photo"}
+    cond = sd_step.conditioning(["a photo"] * 2, None)
+    with torch.no_grad():
+        with sd_step.network.multiplier_context(0.0):
+            frozen = sd_step.predict(latents, timesteps, cond)
+        with sd_step.network.multiplier_context(1.0):
+            with_lora = sd_step.predict(latents, timesteps, cond)
+    expected = 3.0 * (with_lora - frozen).pow(2).mean()
+    assert expected.item() > 0  # the test LoRA is non-zero
+    assert sd_step.loss_at(anchor, latents, 300, None).item() == pytest.approx(expected.item(), rel=1e-5)
+    recorder = CallRecorder(sd_step)
+    result = sd_step(anchor, torch.Generator().manual_seed(10))
+    assert recorder.calls[result.denoise_steps]["batch"] == 2  # the frozen call holds the target only
+
+
+def test_anchors_are_held_at_the_frozen_prediction_at_the_same_xt(sd_step):
+    """An entry's anchors list (issue 12): the loss adds, at the setting's own x_t,
+    weight * anchor_weight * sum over anchors of mean((LoRA(x_t, a) - frozen(x_t, a))^2), by hand."""
+    anchored = dataclasses.replace(SETTING, anchors=("a photo", "van gogh painting"), anchor_weight=0.5, weight=2.0)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    timesteps = torch.full((2,), 250)
+    assert set(sd_step.frozen_predictions(anchored, latents, timesteps, None)) == {"van gogh", "", "a photo", "van gogh painting"}
+    expected = sd_step.loss_at(SETTING, latents, 250, None).item() * 2.0
+    for anchor in anchored.anchors:
+        cond = sd_step.conditioning([anchor] * 2, None)
+        with torch.no_grad():
+            with sd_step.network.multiplier_context(0.0):
+                frozen = sd_step.predict(latents, timesteps, cond)
+            with sd_step.network.multiplier_context(1.0):
+                with_lora = sd_step.predict(latents, timesteps, cond)
+        expected += 2.0 * 0.5 * (with_lora - frozen).pow(2).mean().item()
+    assert sd_step.loss_at(anchored, latents, 250, None).item() == pytest.approx(expected, rel=1e-5)
+    recorder = CallRecorder(sd_step)
+    result = sd_step(anchored, torch.Generator().manual_seed(12))
+    k = result.denoise_steps
+    assert [call["batch"] for call in recorder.calls[k:]] == [8, 2, 4]  # frozen (4 prompts), target, both anchors
+    assert recorder.calls[-1]["grad"] and recorder.calls[-1]["multiplier"] == 1.0

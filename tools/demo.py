@@ -82,8 +82,9 @@ def describe(name: str, what: str, report: dict, seconds: float) -> list[str]:
                          f"other prompts right {row['preserved_other_prompts']:.0%}")
         to_chance = metrics.get("erased_to_chance", 0)
         progress = "all the way to chance" if to_chance >= 1 else f"{to_chance:.0%} of the way to chance"
-        lines.append(f"  erase efficacy {metrics['erase_efficacy']:.0%} ({value} drawn unasked: {metrics['unprompted_rate']:.0%}, "
-                     f"so {progress}); other prompts keep {metrics['preservation_other_prompts']:.0%} of their base accuracy")
+        lines.append(f"  erase efficacy in context {metrics['erase_efficacy']:.0%}, bare prompt \"{value}\" {metrics['bare_efficacy']:.0%} "
+                     f"({value} drawn unasked: {metrics['unprompted_rate']:.0%}, so {progress}); "
+                     f"other prompts keep {metrics['preservation_other_prompts']:.0%} of their base accuracy")
     else:
         plan = report["plan"]
         for multiplier in sorted(per):

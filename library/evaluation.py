@@ -68,8 +68,8 @@ def _concept_words(text: str) -> dict[str, str]:
 def _prompt_concept(setting) -> tuple[str, str]:
     """The (attribute, value) a ``[[prompts]]`` setting acts on: its positive's concept words minus
     those of its context (the words its unconditional shares)."""
-    words = _concept_words(setting.positive) or _concept_words(setting.target)
-    context = _concept_words(setting.unconditional)
+    words = _concept_words(setting.positive) or _concept_words(setting.prompt)
+    context = _concept_words(setting.negative)
     words = {attribute: value for attribute, value in words.items() if context.get(attribute) != value}
     if len(words) != 1:
         raise UserError(f"cannot tell which concept the LoRA {setting.action}s from {setting.positive!r}; pass --{setting.action} WORD")
@@ -100,7 +100,7 @@ def plan_from_prompt_text(toml_text: str) -> EvalPlan:
         return EvalPlan(first.action, attributes[0], values[0], also_erased=tuple(values[1:]))
     plus = next(setting for setting in settings if setting.multiplier > 0)
     if plus.action == "enhance":
-        positive, negative = _concept_words(plus.positive), _concept_words(plus.unconditional)
+        positive, negative = _concept_words(plus.positive), _concept_words(plus.negative)
     else:  # a negative-only slider: its +m direction erases the negative pole
         positive, negative = {}, _concept_words(plus.positive)
     baseline = _concept_words(plus.neutral)

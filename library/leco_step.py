@@ -116,8 +116,8 @@ class LecoStep:
         self.scheduler.set_timesteps(steps)  # timesteps stay on the CPU: read as ints, moved per call
         latents = initial_latents(setting.batch_size, height, width, generator, self.config.noise_offset,
                                   float(self.scheduler.init_noise_sigma)).to(self.device)
-        cond = self.conditioning([setting.target] * setting.batch_size, time_ids)
-        uncond = self.conditioning([setting.unconditional] * setting.batch_size, time_ids)
+        cond = self.conditioning([setting.prompt] * setting.batch_size, time_ids)
+        uncond = self.conditioning([setting.negative] * setting.batch_size, time_ids)
         multiplier = 0.0 if self.config.denoise_with_frozen else setting.multiplier
         was_training = self.network.training
         self.network.eval()  # no LoRA dropout while sampling
@@ -139,7 +139,7 @@ class LecoStep:
         its own prompt's."""
         settings = tuple(setting) if isinstance(setting, (list, tuple)) else (setting,)
         prompts = list(dict.fromkeys(p for s in settings for p in (
-            (s.neutral,) if s.action == "preserve" else (s.positive, s.neutral, s.unconditional, *s.anchors))))
+            (s.neutral,) if s.action == "preserve" else (s.positive, s.neutral, s.negative, *s.anchors))))
         batch = latents.shape[0]
         cond = self.conditioning([prompt for prompt in prompts for _ in range(batch)], time_ids)
         with self.network.multiplier_context(0.0):
@@ -173,9 +173,9 @@ class LecoStep:
         if setting.action == "preserve":  # an anchor: the frozen model's own prediction for the prompt
             target = frozen[setting.neutral]
         else:
-            target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.unconditional],
+            target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.negative],
                                   setting.guidance_scale, setting.action)
-        cond = self.conditioning([setting.target] * latents.shape[0], time_ids)
+        cond = self.conditioning([setting.prompt] * latents.shape[0], time_ids)
         self.network.set_multiplier(setting.multiplier)
         prediction = self.predict(latents, timesteps, cond)
         losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(steps_on_cpu))

@@ -34,10 +34,10 @@ def share_trajectory(first: PromptSetting, second: PromptSetting, denoise_with_f
     """Whether the two settings' x_t have the same distribution (and the same shape and size conditioning)."""
     if not denoise_with_frozen:
         return False
-    same_chain = (first.target == second.target and first.resolution == second.resolution
+    same_chain = (first.prompt == second.prompt and first.resolution == second.resolution
                   and first.batch_size == second.batch_size and first.dynamic_resolution == second.dynamic_resolution
                   and first.dynamic_crops == second.dynamic_crops)
-    same_negative = denoise_guidance_scale == 1.0 or first.unconditional == second.unconditional
+    same_negative = denoise_guidance_scale == 1.0 or first.negative == second.negative
     return same_chain and same_negative
 
 
@@ -80,11 +80,11 @@ def pair_loss(step: LecoStep, first: PromptSetting, second: PromptSetting, laten
     labels = timesteps.long().cpu()  # loss weights and Huber thresholds are looked up on the CPU
     timesteps = labels.to(step.device)
     frozen = step.frozen_predictions((first, second), latents, timesteps, time_ids)
-    targets = [build_target(frozen[s.neutral], frozen[s.positive], frozen[s.unconditional], s.guidance_scale, s.action)
+    targets = [build_target(frozen[s.neutral], frozen[s.positive], frozen[s.negative], s.guidance_scale, s.action)
                for s in (first, second)]
     rows = None if time_ids is None else time_ids.reshape(-1, time_ids.shape[-1]).expand(batch, -1)
     if supports_per_sample_multiplier(step.network):
-        cond = step.conditioning([first.target] * (2 * batch), None if rows is None else torch.cat([rows, rows]))
+        cond = step.conditioning([first.prompt] * (2 * batch), None if rows is None else torch.cat([rows, rows]))
         multipliers = torch.tensor([first.multiplier] * batch + [second.multiplier] * batch, device=step.device)
         step.network.set_multiplier(multipliers)
         try:
@@ -95,7 +95,7 @@ def pair_loss(step: LecoStep, first: PromptSetting, second: PromptSetting, laten
         predictions = []
         for setting in (first, second):
             step.network.set_multiplier(setting.multiplier)
-            predictions.append(step.predict(latents, timesteps, step.conditioning([setting.target] * batch, rows)))
+            predictions.append(step.predict(latents, timesteps, step.conditioning([setting.prompt] * batch, rows)))
     huber_c = step.huber_c(labels)
     huber_c = None if huber_c is None else huber_c.to(step.device)
     weights = step.loss_weights(labels).to(step.device)

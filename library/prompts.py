@@ -79,14 +79,22 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 class PromptSetting:
     """One expanded training setting; a training step draws one of these uniformly.
 
-    The regression target for the LoRA's prediction on ``target`` is
-    ``eps(neutral) -/+ guidance_scale * (eps(positive) - eps(unconditional))`` (erase/enhance),
-    and the partial denoising pass uses ``target`` as prompt and ``unconditional`` as negative.
+    The regression target for the LoRA's prediction on ``prompt`` is
+    ``eps(neutral) -/+ guidance_scale * (eps(positive) - eps(negative))`` (erase/enhance),
+    and the partial denoising pass uses ``prompt`` as its prompt and ``negative`` as its CFG negative.
+
+    Attributes:
+        prompt: what the LoRA is trained at and the trajectory is denoised towards (a ``[[prompts]]``
+            entry's ``target``, a slider's ``target_class``).
+        positive: the concept's side of the direction.
+        negative: the other side of the direction and the trajectory's CFG negative: a ``[[prompts]]``
+            entry's ``unconditional``, or a slider's opposite pole (``""`` for a one-pole slider).
+        neutral: the frozen prediction the target starts from.
     """
 
-    target: str
+    prompt: str
     positive: str
-    unconditional: str
+    negative: str
     neutral: str
     action: str
     guidance_scale: float
@@ -111,14 +119,14 @@ class PromptSetting:
     @property
     def prompts(self) -> tuple[str, ...]:
         """Every prompt this setting needs encoded."""
-        return (self.target, self.positive, self.unconditional, self.neutral, *self.anchors)
+        return (self.prompt, self.positive, self.negative, self.neutral, *self.anchors)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly view (used in metadata and logs)."""
-        return {
-            "target": self.target,
+        return {  # the prompt file's words (target, unconditional), which metadata readers know
+            "target": self.prompt,
             "positive": self.positive,
-            "unconditional": self.unconditional,
+            "unconditional": self.negative,
             "neutral": self.neutral,
             "action": self.action,
             "guidance_scale": self.guidance_scale,
@@ -365,7 +373,7 @@ def _expand_prompt_entry(entry: dict, defaults: dict, default_contexts: list[str
     contexts = contexts_of(entry, base_dir, where)
     if contexts is None:
         contexts = default_contexts
-    prompts = {"target": target, "positive": positive, "unconditional": unconditional, "neutral": neutral}
+    prompts = {"prompt": target, "positive": positive, "negative": unconditional, "neutral": neutral}
     return [
         replace(_setting(common, resolution, common.multiplier, where.entry + context_label(context), action=action,
                          **{name: put_in_context(context, text) for name, text in prompts.items()}),
@@ -436,8 +444,8 @@ def _expand_target_entry(entry: dict, defaults: dict, default_neutrals: list[str
     for neutral in neutrals:
         for resolution in common.resolutions:
             for pole, anti_pole, action, multiplier, label in _slider_directions(positive, negative, common.multiplier):
-                settings.append(_setting(common, resolution, multiplier, f"{where.entry} {label}", target=target_class,
-                                         positive=pole, unconditional=anti_pole, neutral=neutral, action=action))
+                settings.append(_setting(common, resolution, multiplier, f"{where.entry} {label}", prompt=target_class,
+                                         positive=pole, negative=anti_pole, neutral=neutral, action=action))
     return settings
 
 

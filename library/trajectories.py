@@ -214,7 +214,7 @@ class PersistentLecoStep(LecoStep):
         chains = ChainSet(latents, torch.zeros(setting.batch_size, dtype=torch.long), time_ids, height, width)
         while bool((chains.positions < starts).any()):
             self.advance(setting, chains, torch.nonzero(chains.positions < starts).flatten(), generator)
-        logger.debug("persistent chains for %s at %dx%d start at positions %s", setting.source or setting.target,
+        logger.debug("persistent chains for %s at %dx%d start at positions %s", setting.source or setting.prompt,
                      height, width, (starts + 1).tolist())
         return chains
 
@@ -225,8 +225,8 @@ class PersistentLecoStep(LecoStep):
         latents = chains.latents[rows.to(chains.latents.device)]
         current = self.grid[chains.positions[rows]]  # (b,) the timestep each chain sits at now
         time_ids = None if chains.time_ids is None else chains.time_ids[rows]
-        cond = self.conditioning([setting.target] * count, time_ids)
-        uncond = self.conditioning([setting.unconditional] * count, time_ids)
+        cond = self.conditioning([setting.prompt] * count, time_ids)
+        uncond = self.conditioning([setting.negative] * count, time_ids)
         multiplier = 0.0 if self.config.denoise_with_frozen else setting.multiplier
         was_training = self.network.training
         self.network.eval()  # no LoRA dropout while sampling

@@ -18,7 +18,7 @@ from library.run_setup import prepare_unet
 from networks.lora import create_network
 from tests import hand_schedule
 
-SETTING = PromptSetting(target="van gogh", positive="van gogh", unconditional="", neutral="", action="erase",
+SETTING = PromptSetting(prompt="van gogh", positive="van gogh", negative="", neutral="", action="erase",
                         guidance_scale=1.5, resolution=(64, 64), batch_size=2, multiplier=1.0, weight=1.0)
 
 
@@ -223,7 +223,7 @@ def test_random_resolution_buckets(size):
 def test_preserve_anchor_regresses_the_lora_onto_the_frozen_prediction(sd_step):
     """action = "preserve" (issue 12): one frozen prediction (the target's own) and the loss
     weight * mean((LoRA(x_t, target) - frozen(x_t, target))^2), computed here by hand."""
-    anchor = dataclasses.replace(SETTING, target="a photo", positive="a photo", neutral="a photo", unconditional="",
+    anchor = dataclasses.replace(SETTING, prompt="a photo", positive="a photo", neutral="a photo", negative="",
                                  action="preserve", guidance_scale=0.0, weight=3.0)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
     timesteps = torch.full((2,), 300)

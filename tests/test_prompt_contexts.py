@@ -15,7 +15,7 @@ from library.prompts import load_prompt_file, parse_prompt_text
 
 
 def prompts_of(settings) -> list[tuple[str, str, str, str, str]]:
-    return [(s.target, s.positive, s.unconditional, s.neutral, s.action) for s in settings]
+    return [(s.prompt, s.positive, s.negative, s.neutral, s.action) for s in settings]
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -95,7 +95,7 @@ target = "blue"
 contexts = ["a {} circle"]
 """
     settings = parse_prompt_text(text, tmp_path, "t.toml")
-    assert [s.target for s in settings] == ["a red", "red", "a blue circle"]
+    assert [s.prompt for s in settings] == ["a red", "red", "a blue circle"]
 
 
 def test_context_file_lines_are_combined_with_the_list_and_deduplicated(tmp_path):
@@ -105,13 +105,13 @@ def test_context_file_lines_are_combined_with_the_list_and_deduplicated(tmp_path
     path = tmp_path / "p.toml"
     path.write_text(text, encoding="utf-8")
     settings = load_prompt_file(path).settings
-    assert [s.target for s in settings] == ["red", "a large red square", "a red circle"]
+    assert [s.prompt for s in settings] == ["red", "a large red square", "a red circle"]
 
 
 def test_contexts_times_resolutions():
     text = '[[prompts]]\ntarget = "red"\ncontexts = ["a {}", "{}"]\n'
     two = parse_prompt_text('resolution = 256\n' + text, Path("."), "t.toml")
-    assert [(s.target, s.resolution) for s in two] == [("a red", (256, 256)), ("red", (256, 256))]
+    assert [(s.prompt, s.resolution) for s in two] == [("a red", (256, 256)), ("red", (256, 256))]
 
 
 def test_preserve_entry_keeps_the_frozen_prediction_of_its_target():
@@ -153,7 +153,7 @@ anchors = ["", "green", ""]
 anchor_weight = 2.0
 """
     settings = parse_prompt_text(text, Path("."), "t.toml")
-    assert [(s.target, s.anchors, s.anchor_weight) for s in settings] == [
+    assert [(s.prompt, s.anchors, s.anchor_weight) for s in settings] == [
         ("red", ("", "green"), 2.0), ("a red circle", ("a circle", "a green circle"), 2.0)]
     assert settings[1].prompts == ("a red circle", "a red circle", "a circle", "a circle", "a circle", "a green circle")
     assert settings[1].as_dict()["anchors"] == ["a circle", "a green circle"]
@@ -176,7 +176,7 @@ target = "yellow"
 action = "preserve"
 """
     settings = parse_prompt_text(text, Path("."), "t.toml")
-    assert [(s.target, s.anchors, s.anchor_weight) for s in settings] == [
+    assert [(s.prompt, s.anchors, s.anchor_weight) for s in settings] == [
         ("red", ("",), 0.5), ("blue", ("green",), 0.5), ("yellow", (), 1.0)]
 
 

@@ -22,7 +22,7 @@ GUIDE = Path("/work/shared/seeds/leco-user-guide.txt")
 def rows(settings) -> list[tuple]:
     """The fields a test pins, in the order of the module docstring."""
     return [
-        (s.target, s.positive, s.unconditional, s.neutral, s.action, s.multiplier, s.guidance_scale,
+        (s.prompt, s.positive, s.negative, s.neutral, s.action, s.multiplier, s.guidance_scale,
          s.resolution, s.batch_size, s.weight)
         for s in settings
     ]
@@ -223,7 +223,7 @@ dynamic_crops = true
 
 def test_prompts_inline_array_of_tables_and_order(tmp_path):
     settings = load(tmp_path, 'prompts = [{target = "a"}, {target = "b", action = "enhance"}]\n')
-    assert [(s.target, s.action, s.source) for s in settings] == [
+    assert [(s.prompt, s.action, s.source) for s in settings] == [
         ("a", "erase", "[[prompts]][1]"), ("b", "enhance", "[[prompts]][2]")]
 
 
@@ -386,7 +386,7 @@ resolution = 1024
 target_class = "b"
 positive = "p"
 """)
-    assert [(s.target, s.resolution) for s in settings] == [
+    assert [(s.prompt, s.resolution) for s in settings] == [
         ("a", (1024, 1024)), ("a", (1024, 1024)),
         ("b", (512, 512)), ("b", (512, 512)), ("b", (768, 768)), ("b", (768, 768)),
     ]
@@ -427,7 +427,7 @@ neutrals = ["own"]
 target_class = "b"
 positive = "p"
 """)
-    assert [(s.target, s.neutral) for s in settings] == [
+    assert [(s.prompt, s.neutral) for s in settings] == [
         ("a", "own"), ("a", "own"),
         ("b", "t1"), ("b", "t1"), ("b", "t2"), ("b", "t2"),
     ]

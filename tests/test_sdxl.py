@@ -58,7 +58,7 @@ def test_dynamic_crops_time_ids_stay_inside_the_original():
 
 
 def test_cfg_half_uses_the_unconditional_pooled_embedding(tiny_sdxl_dir):
-    setting = PromptSetting(target="girl", positive="girl, long hair", unconditional="girl, short hair", neutral="girl",
+    setting = PromptSetting(prompt="girl", positive="girl, long hair", negative="girl, short hair", neutral="girl",
                             action="enhance", guidance_scale=1.0, resolution=(64, 128), batch_size=2, multiplier=1.0,
                             weight=1.0)
     step = make_step(tiny_sdxl_dir, LecoConfig(max_denoising_steps=4, denoise_guidance_scale=3.0), family="sdxl",
@@ -69,8 +69,8 @@ def test_cfg_half_uses_the_unconditional_pooled_embedding(tiny_sdxl_dir):
     step(setting, torch.Generator().manual_seed(0))
     shape, added = seen[0]
     assert shape == (4, 4, 8, 16)  # non-square 64 x 128 px
-    uncond = step.cache.conditioning([setting.unconditional], torch.zeros(1, 6)).pooled[0]
-    cond = step.cache.conditioning([setting.target], torch.zeros(1, 6)).pooled[0]
+    uncond = step.cache.conditioning([setting.negative], torch.zeros(1, 6)).pooled[0]
+    cond = step.cache.conditioning([setting.prompt], torch.zeros(1, 6)).pooled[0]
     assert torch.equal(added["text_embeds"][0], uncond) and torch.equal(added["text_embeds"][1], uncond)
     assert torch.equal(added["text_embeds"][2], cond) and torch.equal(added["text_embeds"][3], cond)
     assert added["time_ids"].tolist() == [[64, 128, 0, 0, 64, 128]] * 4

@@ -50,7 +50,7 @@ def _predictions() -> dict[str, torch.Tensor]:
 
 def _target_for(setting) -> torch.Tensor:
     eps = _predictions()
-    return build_target(eps[setting.neutral], eps[setting.positive], eps[setting.unconditional],
+    return build_target(eps[setting.neutral], eps[setting.positive], eps[setting.negative],
                         setting.guidance_scale, setting.action)
 
 
@@ -61,8 +61,8 @@ def test_slider_with_both_poles_targets_each_direction():
     assert plus.multiplier == 1.5 and torch.equal(_target_for(plus), t([[14.0]]))
     assert minus.multiplier == -1.5 and torch.equal(_target_for(minus), t([[6.0]]))
     # each direction denoises with the opposite pole as CFG negative
-    assert (plus.target, plus.unconditional) == ("cls", "N")
-    assert (minus.target, minus.unconditional) == ("cls", "P")
+    assert (plus.prompt, plus.negative) == ("cls", "N")
+    assert (minus.prompt, minus.negative) == ("cls", "P")
 
 
 def test_slider_with_one_pole_sets_it_against_the_empty_prompt():

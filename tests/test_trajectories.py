@@ -30,7 +30,7 @@ from networks.lora import create_network, read_lora_metadata
 from tests.helpers import all_finite, base_argv, lora_changed, scalars, write_prompts
 from tests.test_diffusion import SD_SCHEDULE
 
-SETTING = PromptSetting(target="van gogh", positive="van gogh", unconditional="", neutral="", action="erase",
+SETTING = PromptSetting(prompt="van gogh", positive="van gogh", negative="", neutral="", action="erase",
                         guidance_scale=1.5, resolution=(64, 64), batch_size=3, multiplier=1.0, weight=1.0)
 
 
@@ -272,8 +272,8 @@ def test_chains_follow_the_fresh_trajectory_exactly(tiny_sd_dir):
     assert len(restarted) < len(positions)
     labels = recorder.calls[-1]["timesteps"]  # the training forward of the last step
     chains = next(iter(step.chains.values()))
-    cond = step.conditioning([SETTING.target], None)
-    uncond = step.conditioning([SETTING.unconditional], None)
+    cond = step.conditioning([SETTING.prompt], None)
+    uncond = step.conditioning([SETTING.negative], None)
     step.scheduler.set_timesteps(steps)
     step.network.eval()
     for row, position in enumerate(positions):
@@ -318,7 +318,7 @@ def test_dynamic_resolution_keeps_one_chain_set_per_bucket(tiny_sd_dir):
 
 
 def test_sdxl_chains_keep_their_own_time_ids(tiny_sdxl_dir):
-    setting = dataclasses.replace(SETTING, target="girl", positive="girl, long hair", unconditional="", neutral="girl",
+    setting = dataclasses.replace(SETTING, prompt="girl", positive="girl, long hair", negative="", neutral="girl",
                                   resolution=(64, 128), dynamic_crops=True, batch_size=2)
     step = make_persistent(tiny_sdxl_dir, LecoConfig(max_denoising_steps=4, denoise_guidance_scale=3.0), family="sdxl",
                            settings=(setting,))

@@ -65,8 +65,8 @@ class LegacyLecoStep(FixedKStep):
         height, width = setting.resolution
         self.scheduler.set_timesteps(steps, device=self.device)
         latents = initial_latents(setting.batch_size, height, width, generator).to(self.device)
-        cond = self.conditioning([setting.target] * setting.batch_size, None)
-        uncond = self.conditioning([setting.unconditional] * setting.batch_size, None)
+        cond = self.conditioning([setting.prompt] * setting.batch_size, None)
+        uncond = self.conditioning([setting.negative] * setting.batch_size, None)
         self.network.set_multiplier(setting.multiplier)
         for index in range(k):  # with gradient, each call checkpointed, nothing detached
             t = self.scheduler.timesteps[index]
@@ -78,10 +78,10 @@ class LegacyLecoStep(FixedKStep):
         timesteps = torch.full((latents.shape[0],), int(timestep), device=self.device)
         frozen = {}
         with torch.no_grad(), self.network.multiplier_context(0.0):
-            for prompt in (setting.positive, setting.neutral, setting.unconditional):
+            for prompt in (setting.positive, setting.neutral, setting.negative):
                 frozen[prompt] = self._cfg_call(latents, timesteps, self.conditioning([prompt] * latents.shape[0], None),
                                                 uncond, 1.0)
-        target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.unconditional],
+        target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.negative],
                               setting.guidance_scale, setting.action)
         prediction = self._cfg_call(latents, timesteps, cond, uncond, 1.0)
         loss = per_sample_loss(prediction, target).mean() * setting.weight
@@ -139,7 +139,7 @@ def load_parts(args) -> dict:
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     model = load_base_model(str(args.model), "sd", tokenizer_cache_dir=str(args.tokenizer_cache_dir) if args.tokenizer_cache_dir else None)
     family = family_for("sd")
-    setting = PromptSetting(target="van gogh", positive="van gogh", unconditional="", neutral="", action="erase",
+    setting = PromptSetting(prompt="van gogh", positive="van gogh", negative="", neutral="", action="erase",
                             guidance_scale=1.0, resolution=(args.resolution, args.resolution), batch_size=args.batch_size,
                             multiplier=1.0, weight=1.0)
     cache = family.encode(model, list(setting.prompts), device, dtype).to(device, dtype)

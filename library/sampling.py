@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from library.diffusion import cfg_combine, schedule_options
+from library.diffusion import guided_prediction, schedule_options
 from library.sample_prompts import SamplePrompt
 from library.text_encoding import Conditioning, PromptCache
 
@@ -45,20 +45,30 @@ def build_sample_scheduler(name: str, scheduler_config: dict, prediction_type: s
 
 
 @torch.no_grad()
+def denoise(predict: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor], scheduler, latents: torch.Tensor,
+            cond: Conditioning, uncond: Conditioning, guidance_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run every step of ``scheduler`` (after ``set_timesteps``) from ``latents`` with CFG, without gradient.
+
+    ``latents`` are the starting noise already scaled by ``init_noise_sigma``, on the model's device.
+    The unconditional and conditional halves share one batched call per step; at guidance 1 there is
+    no unconditional half (:func:`library.diffusion.guided_prediction`). Returns float32 latents.
+    """
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
+        timesteps = t.expand(latents.shape[0]).to(latents.device)
+        noise_pred = guided_prediction(predict, model_input, timesteps, cond, uncond, guidance_scale).float()
+        latents = scheduler.step(noise_pred, t, latents.float(), generator=generator).prev_sample
+    return latents
+
+
+@torch.no_grad()
 def sample_latents(predict: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor], scheduler,
                    cond: Conditioning, uncond: Conditioning, shape: tuple[int, ...], steps: int, guidance_scale: float,
                    generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Sample latents from pure noise with CFG (uncond and cond in one batched call per step)."""
+    """Sample latents from pure noise (drawn from ``generator`` on the CPU) with CFG."""
     scheduler.set_timesteps(steps, device=device)
     latents = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(device)
-    both = Conditioning.cat([uncond, cond])
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        timesteps = t.expand(model_input.shape[0]).to(device)
-        uncond_out, cond_out = predict(model_input, timesteps, both).float().chunk(2)
-        noise_pred = cfg_combine(uncond_out, cond_out, guidance_scale)
-        latents = scheduler.step(noise_pred, t, latents.float(), generator=generator).prev_sample
-    return latents
+    return denoise(predict, scheduler, latents, cond, uncond, guidance_scale, generator)
 
 
 def latent_preview(latents: torch.Tensor) -> np.ndarray:

@@ -12,6 +12,8 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from library.concept_world.scenes import DISPLAY_RGB, color_amounts
+from library.sampling import denoise
+from library.text_encoding import Conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -99,24 +101,19 @@ def sample_latents(
     device = unet.device
     ddim = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=False)
     ddim.set_timesteps(steps)
-    use_cfg = guidance_scale != 1.0
-    uncond = encode_prompts(text_encoder, tokenizer, [negative_prompt]).to(unet.dtype) if use_cfg else None
+    uncond = encode_prompts(text_encoder, tokenizer, [negative_prompt]).to(unet.dtype)
+
+    def predict(latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return unet(latents.to(unet.dtype), timesteps, encoder_hidden_states=cond.hidden_states).sample
+
     outputs = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        cond = encode_prompts(text_encoder, tokenizer, chunk).to(unet.dtype)
-        context = torch.cat([uncond.expand(len(chunk), -1, -1), cond]) if use_cfg else cond
+        cond = Conditioning(encode_prompts(text_encoder, tokenizer, chunk).to(unet.dtype))
         latents = initial_noise(seeds[start : start + batch_size], (unet.config.in_channels, size, size))
-        latents = (latents * ddim.init_noise_sigma).to(device, unet.dtype)
-        for t in ddim.timesteps:
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            model_in = ddim.scale_model_input(model_in, t)
-            eps = unet(model_in, t, encoder_hidden_states=context).sample
-            if use_cfg:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            latents = ddim.step(eps, t, latents).prev_sample
-        outputs.append(latents.float().cpu())
+        latents = (latents * ddim.init_noise_sigma).to(device)
+        negative = Conditioning(uncond.expand(len(chunk), -1, -1))
+        outputs.append(denoise(predict, ddim, latents, cond, negative, guidance_scale).cpu())
     return torch.cat(outputs)
 
 

@@ -141,21 +141,26 @@ def config_only_copy(tiny_dir: Path, destination: Path) -> Path:
     return destination
 
 
-def load_lora_into_pipeline(pipe, path: Path, adapter_name: str = "leco") -> None:
+def load_lora_into_pipeline(pipe, path: Path, adapter_name: str = "leco", text_encoders: bool = False) -> None:
     """``pipe.load_lora_weights`` as a user calls it, asserting that **no key of the file was left unused**.
 
     Three checks, because diffusers can fail quietly: (1) it treats the file as kohya format only if
     every key is ``lora_unet_*``/``lora_te*`` (FACTS), (2) it reports unexpected/missing LoRA keys
     only as a warning on its own logger, which does not propagate to pytest's caplog, so the warning
     is captured with a handler on that logger, and (3) every ``lora_down``/``lora_up`` element of the
-    file must reappear as a ``lora_A``/``lora_B`` element of the adapter.
+    file must reappear as a ``lora_A``/``lora_B`` element of the adapter. Our training files hold U-Net
+    modules only; ``text_encoders`` admits ``lora_te*`` keys too (other trainers' files, merges) and
+    counts the adapter's elements in the text encoders as well.
     """
     import logging
 
     from diffusers.utils import logging as diffusers_logging
 
+    from networks.lora_weights import KOHYA_PREFIXES
+
     tensors = lora_tensors(path)
-    assert all(key.startswith("lora_unet_") for key in tensors), "a non-kohya key makes diffusers skip the file"
+    prefixes = KOHYA_PREFIXES if text_encoders else ("lora_unet_",)
+    assert all(key.startswith(prefixes) for key in tensors), "a non-kohya key makes diffusers skip the file"
     messages: list[str] = []
 
     class Collect(logging.Handler):
@@ -171,9 +176,11 @@ def load_lora_into_pipeline(pipe, path: Path, adapter_name: str = "leco") -> Non
     finally:
         library_logger.removeHandler(handler)
         diffusers_logging.set_verbosity(previous)
-    unhandled = [text for text in messages if "unexpected keys" in text or "missing keys" in text]
+    # peft lists the *other* adapters' keys as "missing" when a second adapter is loaded: only this one's count
+    unhandled = [text for text in messages if "unexpected keys" in text or ("missing keys" in text and f".{adapter_name}." in text)]
     assert not unhandled, unhandled
-    loaded = sum(param.numel() for name, param in pipe.unet.named_parameters()
+    models = (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if text_encoders else (pipe.unet,)
+    loaded = sum(param.numel() for model in models if model is not None for name, param in model.named_parameters()
                  if f".{adapter_name}." in f"{name}." and (".lora_A." in name or ".lora_B." in name))
     in_file = sum(value.numel() for key, value in tensors.items() if key.endswith(("lora_down.weight", "lora_up.weight")))
     assert loaded == in_file, (loaded, in_file)

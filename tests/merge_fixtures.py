@@ -145,41 +145,7 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_lora_everywhere(pipe, path: Path, adapter_name: str) -> None:
-    """``load_lora_weights`` for files that may hold text-encoder modules too, with no key left unused.
+    """``load_lora_weights`` for files that may hold text-encoder modules too, with no key left unused."""
+    from tests.helpers import load_lora_into_pipeline
 
-    Like ``tests.helpers.load_lora_into_pipeline`` (which covers U-Net-only files), counting the
-    adapter's elements in the U-Net and the text encoders.
-    """
-    import logging
-
-    from diffusers.utils import logging as diffusers_logging
-
-    from networks.lora_weights import KOHYA_PREFIXES
-
-    state = tensors(path)
-    assert all(key.startswith(KOHYA_PREFIXES) for key in state)
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler, library_logger = Collect(level=logging.WARNING), logging.getLogger("diffusers")
-    previous = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_warning()
-    library_logger.addHandler(handler)
-    try:
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-    finally:
-        library_logger.removeHandler(handler)
-        diffusers_logging.set_verbosity(previous)
-    # peft lists the *other* adapters' keys as "missing" when a second adapter is loaded: only this one's count
-    unused = [text for text in messages if ("unexpected keys" in text or "missing keys" in text)
-              and ("unexpected keys" in text or f".{adapter_name}." in text)]
-    assert not unused, unused
-    loaded = 0
-    for model in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if model is not None:
-            loaded += sum(parameter.numel() for name, parameter in model.named_parameters()
-                          if f".{adapter_name}." in f"{name}." and (".lora_A." in name or ".lora_B." in name))
-    assert loaded == sum(value.numel() for key, value in state.items() if key.endswith(("lora_down.weight", "lora_up.weight")))
+    load_lora_into_pipeline(pipe, path, adapter_name, text_encoders=True)

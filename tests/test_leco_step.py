@@ -22,7 +22,9 @@ SETTING = PromptSetting(prompt="van gogh", positive="van gogh", negative="", neu
                         guidance_scale=1.5, resolution=(64, 64), batch_size=2, multiplier=1.0, weight=1.0)
 
 
-def make_step(folder, config: LecoConfig, family: str = "sd", settings=(SETTING,), seed: int = 0) -> LecoStep:
+def make_step(folder, config: LecoConfig, family: str = "sd", settings=(SETTING,), seed: int = 0,
+              trajectory: str | None = None) -> LecoStep:
+    """A LecoStep on a tiny model with a non-zero LoRA (``trajectory``: the trainer's step builder for that mode)."""
     torch.manual_seed(seed)
     model = load_base_model(str(folder), family)
     fam = family_for(family)
@@ -35,6 +37,11 @@ def make_step(folder, config: LecoConfig, family: str = "sd", settings=(SETTING,
         for lora in network.unet_loras:
             lora.lora_up.weight.normal_(std=0.05)
     network.train()
+    if trajectory is not None:
+        from library.trajectories import build_leco_step
+
+        return build_leco_step(trajectory, settings, unet, network, cache, model.scheduler_config, model.prediction_type,
+                               config, fam.time_ids, torch.device("cpu"))
     return LecoStep(unet, network, cache, model.scheduler_config, model.prediction_type, config, fam.time_ids,
                     torch.device("cpu"))
 

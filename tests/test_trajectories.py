@@ -15,20 +15,18 @@ import sdxl_train_leco
 import train_leco
 from library.config import LecoConfig
 from library.diffusion import build_noise_scheduler, initial_latents, landing_timestep, legacy_timestep, partial_denoise
-from library.family import family_for
-from library.models import load_base_model
 from library.prompts import PromptSetting
-from library.run_setup import prepare_unet, seeded_generator
+from library.run_setup import seeded_generator
 from library.trajectories import (
     PersistentLecoStep,
-    build_leco_step,
     sampler_step_per_sample,
     staggered_starts,
     timestep_labels,
 )
-from networks.lora import create_network, read_lora_metadata
+from networks.lora import read_lora_metadata
 from tests.helpers import all_finite, base_argv, lora_changed, scalars, write_prompts
 from tests.test_diffusion import SD_SCHEDULE
+from tests.test_leco_step import make_step
 
 SETTING = PromptSetting(prompt="van gogh", positive="van gogh", negative="", neutral="", action="erase",
                         guidance_scale=1.5, resolution=(64, 64), batch_size=3, multiplier=1.0, weight=1.0)
@@ -150,19 +148,7 @@ def test_labels_are_where_the_chain_sits():
 
 def make_persistent(folder, config: LecoConfig, family: str = "sd", settings=(SETTING,), seed: int = 0,
                     trajectory: str = "persistent"):
-    torch.manual_seed(seed)
-    model = load_base_model(str(folder), family)
-    fam = family_for(family)
-    cache = fam.encode(model, [prompt for setting in settings for prompt in setting.prompts], torch.device("cpu"))
-    unet = prepare_unet(model.load_unet(torch.float32), torch.device("cpu"), torch.float32, "sdpa", False)
-    network = create_network(1.0, 4, 1.0, None, [], unet)
-    network.apply_to()
-    with torch.no_grad():  # a non-zero LoRA, so that "LoRA on" and "LoRA off" differ
-        for lora in network.unet_loras:
-            lora.lora_up.weight.normal_(std=0.05)
-    network.train()
-    return build_leco_step(trajectory, settings, unet, network, cache, model.scheduler_config, model.prediction_type,
-                           config, fam.time_ids, torch.device("cpu"))
+    return make_step(folder, config, family, settings, seed, trajectory)
 
 
 class UNetCalls:

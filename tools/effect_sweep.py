@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -151,19 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="keep LoRAs, grids and prompt files here")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this file")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import logging
+    from tools.study_setup import concept_study_model
 
-    import torch
-
-    from library.quiet import quiet_third_party_output
-
-    quiet_third_party_output()
-    from library.concept_world.model import ensure_concept_model
-
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    model = ensure_concept_model()
+    model = concept_study_model()
     variants = [v for v in VARIANTS if args.only is None or v.name.startswith(tuple(args.only))]
     results = []
     with tempfile.TemporaryDirectory() as scratch:

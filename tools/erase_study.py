@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -106,21 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="keep LoRAs, curves and plots here")
     parser.add_argument("--json", type=Path, default=None, help="also write all curves to this file")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import logging
+    from tools.study_setup import concept_study_model
 
-    import torch
-
-    from library.quiet import quiet_third_party_output
-
-    quiet_third_party_output()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    from library.concept_world.model import ensure_concept_model
+    model = concept_study_model()
     from library.evaluation import EvalOptions, plan_from_prompt_text
     from library.evaluation_curve import curve_table, evaluate_concept_curve, find_checkpoints
 
-    model = ensure_concept_model()
     runs = [run for run in RUNS if args.only is None or run.name in args.only]
     results = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import tempfile
@@ -202,19 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="keep LoRAs here")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this file")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import logging
+    from tools.study_setup import concept_study_model
 
-    import torch
-
-    from library.quiet import quiet_third_party_output
-
-    quiet_third_party_output()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    from library.concept_world.model import ensure_concept_model
-
-    model = ensure_concept_model()
+    model = concept_study_model()
     results = []
     print("| example | N | fresh, 150 steps: rates (effect), CPU time | persistent, 150 steps | persistent at fresh's "
           "CPU time | fresh: first reach | persistent: first reach |\n|---|---|---|---|---|---|---|", flush=True)

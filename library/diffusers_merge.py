@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from library.atomic import replace_folder
 from library.checkpoint_merge import diffusers_kind, merged_tensor, plan_merge, stored_dtype
 from library.errors import UserError
 from library.merge_names import module_targets
@@ -39,17 +40,6 @@ def _load(folder: Path, namespace: str) -> torch.nn.Module:
     cls = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}[namespace]
     dtype = stored_dtype(folder / namespace) or torch.float32
     return cls.from_pretrained(str(folder), subfolder=namespace, torch_dtype=dtype).eval()
-
-
-def _replace_folder(temp: Path, save_to: Path) -> None:
-    """Move the finished folder into place; an existing diffusers folder there is replaced."""
-    if save_to.exists():
-        old = save_to.with_name(f".{save_to.name}.old-{os.getpid()}")
-        os.replace(save_to, old)
-        os.replace(temp, save_to)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp, save_to)
 
 
 def check_folder_output(save_to: Path, source: Path) -> None:
@@ -110,7 +100,7 @@ def merge_into_diffusers_folder(
             if scheduler.is_file() and json.loads(scheduler.read_text(encoding="utf-8")).get("prediction_type") == "v_prediction":
                 prediction = "v"
             (temp / RECIPE_FILE).write_text(json.dumps(metadata(kind, prediction), indent=2), encoding="utf-8")
-        _replace_folder(temp, save_to)
+        replace_folder(temp, save_to)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     logger.info("wrote diffusers folder %s (rewritten: %s; everything else copied)", save_to, ", ".join(sorted(changed)) or "nothing")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from library.atomic import replace_folder
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -68,12 +69,7 @@ def save_state(folder: Path, network, optimizer, lr_scheduler, step: int, genera
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
     torch.save(payload, tmp / STATE_FILE)
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_folder(tmp, folder)
     return folder
 
 

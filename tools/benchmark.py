@@ -185,15 +185,9 @@ def run(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             calls.clear()
-        start = time.perf_counter()
-        result = step(setting, generator)
-        result.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        seconds = _one_step(step, setting, generator, optimizer, device)
         if index >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     report = {
         "mode": args.mode,
         "model": str(args.model),

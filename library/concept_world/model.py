@@ -23,7 +23,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -35,6 +34,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from library.atomic import replace_folder
 from library.concept_world import scenes
 from library.concept_world.sampling import tokenize
 from library.tiny_clip import write_clip_tokenizer
@@ -593,23 +593,12 @@ def build_concept_model(out: str | Path, config: ModelConfig | None = None, eval
                     for prompt, report in evaluate_prompt_rates(model, seeds_per_prompt=2 * eval_seeds).items()
                 }
         save_concept_model(trained, temp, metadata)
-        _replace_folder(temp, out)
+        replace_folder(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     logger.info("concept world model written to %s", out)
     return out
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target`` (replacing it) with renames only."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(source, target)
 
 
 def repo_root() -> Path:

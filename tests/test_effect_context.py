@@ -3,16 +3,16 @@
 The goals of issue 12, asserted on two LoRAs trained from ``examples/`` on the concept world and
 evaluated through diffusers (``load_lora_weights``) with 4 seeds, DDIM 25 steps, CFG 5 (one
 sample is 4 % of a rate); the base model is sampled once per run. One test per run, so that
-pytest-xdist never trains a run twice. To keep CI time small the single-colour run uses
-``--max_denoising_steps 10`` and the two-colour run ``--leco_trajectory persistent``; otherwise the
-demo's settings (lr 2e-3, dim 4, alpha 4, seed 0). docs/evaluation.md section 9 has the curves of
+pytest-xdist never trains a run twice. To keep CI time small both runs use ``--leco_trajectory
+persistent`` (one CFG call per step), the single-colour run at ``--max_denoising_steps 10``;
+otherwise the demo's settings (lr 2e-3, dim 4, alpha 4, seed 0). docs/evaluation.md section 9 has the curves of
 both at 50-step intervals and the same examples at N = 20 with fresh trajectories.
 
 | goal | threshold | measured (seed 0) |
 |---|---|---|
-| red erased in context at 300 steps (`erase_efficacy`) | >= 0.95 | 1.00 (bare prompt 0.96) |
+| red erased in context at 300 steps (`erase_efficacy`) | >= 0.95 | 1.00 (bare prompt 1.00) |
 | size/shape of the red prompts, other prompts, other colours at 300 steps | >= 95 % of base | 102 %, 100 %, 100 % |
-| in-context efficacy at 600 steps | at most 0.05 below 300 | 1.00 (bare 1.00), 102 %, 100 %, 100 % |
+| in-context efficacy at 600 steps | at most 0.05 below 300 | 1.00 (bare 1.00), 97.9 %, 100 %, 100 % |
 | red + blue in one LoRA, 450 steps: each erased, bare and in context | >= 0.9 | 1.00, 1.00; 1.00, 1.00 (0.92 at 350-400) |
 | red + blue: green and yellow drawn when asked for, other prompts | >= 95 % of base | 100 %, 100 % |
 """
@@ -55,9 +55,10 @@ def train_curve(model: Path, example: str, out: Path, steps: int, every: int, fl
 
 
 def test_erase_holds_in_context_keeps_the_rest_and_does_not_drift_back(concept_model, tmp_path):
-    """Erase red in the contexts of concept_contexts.txt with anchors "", blue, yellow: 600 steps
-    (one test, so that pytest-xdist never trains this run twice)."""
-    curve = train_curve(concept_model, "concept_erase_red_anchored.toml", tmp_path, 600, 300, ["--max_denoising_steps", "10"])
+    """Erase red in the contexts of concept_contexts.txt with anchors "", blue, yellow: 600 steps,
+    persistent trajectories (one test, so that pytest-xdist never trains this run twice)."""
+    curve = train_curve(concept_model, "concept_erase_red_anchored.toml", tmp_path, 600, 300,
+                        ["--max_denoising_steps", "10", "--leco_trajectory", "persistent"])
     early, late = curve[300], curve[600]
     assert early["per_multiplier"][0.0]["target_rate"] >= 0.9  # the base model draws red when asked
     assert early["erase_efficacy"] >= 0.95

@@ -105,6 +105,24 @@ class LecoStep:
         rows = None if rows is None else rows.repeat(len(prompts) // rows.shape[0], 1)
         return self.cache.conditioning(list(prompts), rows)
 
+    def trajectory_conditioning(self, setting: PromptSetting, count: int, time_ids) -> tuple[Conditioning, Conditioning]:
+        """The trajectory's CFG halves for ``count`` rows: the setting's prompt and its negative."""
+        return (self.conditioning([setting.prompt] * count, time_ids),
+                self.conditioning([setting.negative] * count, time_ids))
+
+    @contextlib.contextmanager
+    def sampling_network(self, setting: PromptSetting):
+        """The network as the trajectory samples with it: no LoRA dropout (eval mode), at the setting's
+        multiplier (0 with ``--leco_denoise_with_frozen``); training mode comes back afterwards."""
+        multiplier = 0.0 if self.config.denoise_with_frozen else setting.multiplier
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            with self.network.multiplier_context(multiplier):
+                yield
+        finally:
+            self.network.train(was_training)
+
     def draw_denoise_steps(self, generator: torch.Generator) -> int:
         """k ~ U{1, ..., N - 1}: how many sampler steps make this x_t."""
         return int(torch.randint(1, self.config.max_denoising_steps, (), generator=generator))
@@ -116,17 +134,10 @@ class LecoStep:
         self.scheduler.set_timesteps(steps)  # timesteps stay on the CPU: read as ints, moved per call
         latents = initial_latents(setting.batch_size, height, width, generator, self.config.noise_offset,
                                   float(self.scheduler.init_noise_sigma)).to(self.device)
-        cond = self.conditioning([setting.prompt] * setting.batch_size, time_ids)
-        uncond = self.conditioning([setting.negative] * setting.batch_size, time_ids)
-        multiplier = 0.0 if self.config.denoise_with_frozen else setting.multiplier
-        was_training = self.network.training
-        self.network.eval()  # no LoRA dropout while sampling
-        try:
-            with self.network.multiplier_context(multiplier):
-                latents, t = partial_denoise(self.predict, self.scheduler, latents, k, cond, uncond,
-                                             self.config.denoise_guidance_scale, generator)
-        finally:
-            self.network.train(was_training)
+        cond, uncond = self.trajectory_conditioning(setting, setting.batch_size, time_ids)
+        with self.sampling_network(setting):
+            latents, t = partial_denoise(self.predict, self.scheduler, latents, k, cond, uncond,
+                                         self.config.denoise_guidance_scale, generator)
         if self.config.legacy_timestep:
             t = legacy_timestep(k, steps, self.scheduler.config.num_train_timesteps)
         return latents.detach(), t, k
@@ -158,43 +169,53 @@ class LecoStep:
         return huber_threshold(timesteps, self.scheduler.alphas_cumprod, self.config.huber_c, self.config.huber_schedule,
                                self.config.huber_scale, self.scheduler.config.num_train_timesteps)
 
+    def labels(self, timestep: int | torch.Tensor, batch: int) -> torch.Tensor:
+        """The batch's timesteps as a (B,) long tensor on the CPU, where the loss tables are looked up
+        (``timestep``: one for the batch, or one per sample)."""
+        if isinstance(timestep, torch.Tensor):
+            return timestep.detach().to(device="cpu", dtype=torch.long)
+        return torch.full((batch,), timestep, dtype=torch.long)
+
+    def weighted_losses(self, prediction: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses (``--loss_type``, Huber thresholds at ``labels``) times their min-SNR weights, (B,)."""
+        losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(labels))
+        return losses * self.loss_weights(labels).to(losses.device)
+
+    def setting_target(self, setting: PromptSetting, frozen: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The regression target of ``setting`` from the frozen predictions."""
+        if setting.action == "preserve":  # an anchor: the frozen model's own prediction for the prompt
+            return frozen[setting.neutral]
+        return build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.negative],
+                            setting.guidance_scale, setting.action)
+
     # --- the step -------------------------------------------------------------------------
 
     def loss_at(self, setting: PromptSetting, latents: torch.Tensor, timestep: int | torch.Tensor, time_ids) -> torch.Tensor:
         """The LECO loss for a given x_t: frozen target, then the LoRA's prediction (with grad).
 
         ``timestep``: one for the batch, or (B,) per sample (persistent chains)."""
-        if isinstance(timestep, torch.Tensor):
-            steps_on_cpu = timestep.detach().to(device="cpu", dtype=torch.long)  # for table lookups
-        else:
-            steps_on_cpu = torch.full((latents.shape[0],), timestep, dtype=torch.long)
-        timesteps = steps_on_cpu.to(self.device)
+        labels = self.labels(timestep, latents.shape[0])
+        timesteps = labels.to(self.device)
         frozen = self.frozen_predictions(setting, latents, timesteps, time_ids)
-        if setting.action == "preserve":  # an anchor: the frozen model's own prediction for the prompt
-            target = frozen[setting.neutral]
-        else:
-            target = build_target(frozen[setting.neutral], frozen[setting.positive], frozen[setting.negative],
-                                  setting.guidance_scale, setting.action)
+        target = self.setting_target(setting, frozen)
         cond = self.conditioning([setting.prompt] * latents.shape[0], time_ids)
         self.network.set_multiplier(setting.multiplier)
         prediction = self.predict(latents, timesteps, cond)
-        losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(steps_on_cpu))
-        loss = (losses * self.loss_weights(steps_on_cpu).to(losses.device)).mean() * setting.weight
+        loss = self.weighted_losses(prediction, target, labels).mean() * setting.weight
         if setting.anchors:
-            loss = loss + self.anchor_loss(setting, latents, timesteps, steps_on_cpu, frozen, time_ids)
+            loss = loss + self.anchor_loss(setting, latents, labels, frozen, time_ids)
         return loss
 
-    def anchor_loss(self, setting: PromptSetting, latents: torch.Tensor, timesteps: torch.Tensor, steps_on_cpu: torch.Tensor,
+    def anchor_loss(self, setting: PromptSetting, latents: torch.Tensor, labels: torch.Tensor,
                     frozen: dict[str, torch.Tensor], time_ids) -> torch.Tensor:
         """The setting's anchors held where the frozen model has them, at the same x_t (issue 12):
         ``weight * anchor_weight * sum_a loss(LoRA(x_t, a), frozen(x_t, a))``, one LoRA call for all anchors."""
         count, batch = len(setting.anchors), latents.shape[0]
         cond = self.conditioning([anchor for anchor in setting.anchors for _ in range(batch)], time_ids)
-        prediction = self.predict(latents.repeat(count, 1, 1, 1), timesteps.repeat(count), cond)  # (count*B, 4, h, w)
+        steps = labels.repeat(count)
+        prediction = self.predict(latents.repeat(count, 1, 1, 1), steps.to(self.device), cond)  # (count*B, 4, h, w)
         target = torch.cat([frozen[anchor] for anchor in setting.anchors])
-        steps = steps_on_cpu.repeat(count)
-        losses = per_sample_loss(prediction, target, self.config.loss_type, self.huber_c(steps))
-        weighted = (losses * self.loss_weights(steps).to(losses.device)).view(count, batch)
+        weighted = self.weighted_losses(prediction, target, steps).view(count, batch)
         return weighted.mean(dim=1).sum() * setting.anchor_weight * setting.weight
 
     def setting_loss(self, setting: PromptSetting, latents: torch.Tensor, timestep: int | torch.Tensor, time_ids) -> torch.Tensor:
@@ -202,9 +223,7 @@ class LecoStep:
         partner = self.partners.get(setting)
         if partner is None:
             return self.loss_at(setting, latents, timestep, time_ids)
-        if not isinstance(timestep, torch.Tensor):
-            timestep = torch.full((latents.shape[0],), timestep, dtype=torch.long)
-        return pair_loss(self, setting, partner, latents, timestep, time_ids)
+        return pair_loss(self, setting, partner, latents, self.labels(timestep, latents.shape[0]), time_ids)
 
     def __call__(self, setting: PromptSetting, generator: torch.Generator) -> StepResult:
         """Draw x_t for ``setting`` and return its loss (call ``backward`` on ``result.loss``)."""

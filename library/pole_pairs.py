@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from library.prompts import PromptSetting
-from library.targets import build_target, per_sample_loss
 
 if TYPE_CHECKING:
     from library.leco_step import LecoStep
@@ -66,22 +65,20 @@ def supports_per_sample_multiplier(network) -> bool:
 
 
 def pair_loss(step: LecoStep, first: PromptSetting, second: PromptSetting, latents: torch.Tensor,
-              timesteps: torch.Tensor, time_ids: torch.Tensor | None) -> torch.Tensor:
+              labels: torch.Tensor, time_ids: torch.Tensor | None) -> torch.Tensor:
     """The mean LECO loss of two poles trained from the same x_t.
 
     Args:
         step: the LECO step (U-Net, network, cache, loss options).
         first, second: the two settings (``pole_partners`` of each other).
         latents: (B, C, h, w) x_t shared by both.
-        timesteps: (B,) the exact timestep of each row.
+        labels: (B,) the exact timestep of each row, a long tensor on the CPU (:meth:`LecoStep.labels`).
         time_ids: (6,) or (B, 6) SDXL size conditioning, else None.
     """
     batch = latents.shape[0]
-    labels = timesteps.long().cpu()  # loss weights and Huber thresholds are looked up on the CPU
     timesteps = labels.to(step.device)
     frozen = step.frozen_predictions((first, second), latents, timesteps, time_ids)
-    targets = [build_target(frozen[s.neutral], frozen[s.positive], frozen[s.negative], s.guidance_scale, s.action)
-               for s in (first, second)]
+    targets = [step.setting_target(setting, frozen) for setting in (first, second)]
     rows = None if time_ids is None else time_ids.reshape(-1, time_ids.shape[-1]).expand(batch, -1)
     if supports_per_sample_multiplier(step.network):
         cond = step.conditioning([first.prompt] * (2 * batch), None if rows is None else torch.cat([rows, rows]))
@@ -96,11 +93,7 @@ def pair_loss(step: LecoStep, first: PromptSetting, second: PromptSetting, laten
         for setting in (first, second):
             step.network.set_multiplier(setting.multiplier)
             predictions.append(step.predict(latents, timesteps, step.conditioning([setting.prompt] * batch, rows)))
-    huber_c = step.huber_c(labels)
-    huber_c = None if huber_c is None else huber_c.to(step.device)
-    weights = step.loss_weights(labels).to(step.device)
     total = 0.0
     for setting, prediction, target in zip((first, second), predictions, targets):
-        losses = per_sample_loss(prediction, target, step.config.loss_type, huber_c)
-        total = total + (losses * weights.to(losses.device)).mean() * setting.weight
+        total = total + step.weighted_losses(prediction, target, labels).mean() * setting.weight
     return total / 2

@@ -225,17 +225,10 @@ class PersistentLecoStep(LecoStep):
         latents = chains.latents[rows.to(chains.latents.device)]
         current = self.grid[chains.positions[rows]]  # (b,) the timestep each chain sits at now
         time_ids = None if chains.time_ids is None else chains.time_ids[rows]
-        cond = self.conditioning([setting.prompt] * count, time_ids)
-        uncond = self.conditioning([setting.negative] * count, time_ids)
-        multiplier = 0.0 if self.config.denoise_with_frozen else setting.multiplier
-        was_training = self.network.training
-        self.network.eval()  # no LoRA dropout while sampling
-        try:
-            with self.network.multiplier_context(multiplier):
-                output = guided_prediction(self.predict, latents, current.to(self.device), cond, uncond,
-                                           self.config.denoise_guidance_scale)
-        finally:
-            self.network.train(was_training)
+        cond, uncond = self.trajectory_conditioning(setting, count, time_ids)
+        with self.sampling_network(setting):
+            output = guided_prediction(self.predict, latents, current.to(self.device), cond, uncond,
+                                       self.config.denoise_guidance_scale)
         noise = torch.randn(latents.shape, generator=generator) if isinstance(self.scheduler, DDPMScheduler) else None
         stepped = sampler_step_per_sample(self.scheduler, output.float(), current, latents.float(), noise)
         updated = chains.latents.clone()

@@ -65,8 +65,7 @@ class LegacyLecoStep(FixedKStep):
         height, width = setting.resolution
         self.scheduler.set_timesteps(steps, device=self.device)
         latents = initial_latents(setting.batch_size, height, width, generator).to(self.device)
-        cond = self.conditioning([setting.prompt] * setting.batch_size, None)
-        uncond = self.conditioning([setting.negative] * setting.batch_size, None)
+        cond, uncond = self.trajectory_conditioning(setting, setting.batch_size, None)
         self.network.set_multiplier(setting.multiplier)
         for index in range(k):  # with gradient, each call checkpointed, nothing detached
             t = self.scheduler.timesteps[index]

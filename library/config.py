@@ -66,6 +66,11 @@ class OptimizerConfig:
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
 
+    @property
+    def unet_learning_rate(self) -> float:
+        """The U-Net LoRA's rate: ``--unet_lr`` when given, else ``--learning_rate``."""
+        return self.unet_lr if self.unet_lr is not None else self.learning_rate
+
 
 @dataclass(frozen=True)
 class LecoConfig:

@@ -173,8 +173,7 @@ def allow_fp16_gradient_unscaling(accelerator) -> None:
 
 def optimizer_and_schedule(config: RunConfig, network):
     opt = config.optimizer
-    lr = opt.unet_lr if opt.unet_lr is not None else opt.learning_rate
-    params = network.prepare_optimizer_params(None, lr, opt.learning_rate)
+    params = network.prepare_optimizer_params(None, opt.unet_learning_rate, opt.learning_rate)
     if isinstance(params, tuple):  # newer kohya protocol returns (groups, descriptions)
         params, descriptions = params
         if len(descriptions) == len(params):  # sd-scripts' names (unet, unet plus, unet_block3 ...) for the lr logs

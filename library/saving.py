@@ -109,7 +109,7 @@ def build_metadata(config: RunConfig, kind: str, prediction_type: str, started_a
         "ss_training_started_at": str(started_at),
         "ss_output_name": out.output_name,
         "ss_learning_rate": str(opt.learning_rate),
-        "ss_unet_lr": str(opt.unet_lr if opt.unet_lr is not None else opt.learning_rate),
+        "ss_unet_lr": str(opt.unet_learning_rate),
         "ss_text_encoder_lr": "None",
         "ss_max_train_steps": str(train.max_train_steps),
         "ss_lr_warmup_steps": str(opt.lr_warmup_steps),

@@ -53,6 +53,8 @@ from networks.lora import kohya_aliases
 
 logger = logging.getLogger(__name__)
 
+NON_FINITE_ADVICE = "Try a lower --learning_rate, --max_grad_norm 1.0, or --mixed_precision bf16 instead of fp16"
+
 
 class TrainingInterrupted(Exception):
     """Ctrl-C / SIGTERM: the LoRA (and state) were saved at the last completed step."""
@@ -207,9 +209,13 @@ class Trainer:
     def _refuse_non_finite_weights(self, network, step: int) -> None:
         bad = [name for name, value in network.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
         if bad:
-            kept = self.files[-1].name if self.files else "no checkpoint yet"
             raise NonFiniteLoss(f"the LoRA holds NaN/inf values at step {step} ({len(bad)} tensors, e.g. {bad[0]}); "
-                                f"nothing was written (last good file: {kept}). Try a lower --learning_rate or another optimizer")
+                                f"nothing was written (last good file: {self._last_good_file()}). "
+                                "Try a lower --learning_rate or another optimizer")
+
+    def _last_good_file(self) -> str:
+        """The newest file this run wrote, for the messages of a stop on NaN/inf."""
+        return self.files[-1].name if self.files else "no checkpoint yet"
 
     def sample(self, grid_maker: SampleGridMaker | None, optimizer, step: int, stop) -> None:
         """Draw the sample grid, its cells shared out over the processes (sd-scripts spreads sample
@@ -408,18 +414,15 @@ class Trainer:
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
     def _non_finite_gradients(self, count: int, step: int) -> None:
-        kept = self.files[-1].name if self.files else "no checkpoint yet"
         raise NonFiniteLoss(
             f"{count} LoRA gradients became NaN/inf at step {step + 1}; stopping before the optimizer step, nothing "
-            f"newer is written (last good file: {kept}). Try a lower --learning_rate, --max_grad_norm 1.0, or "
-            "--mixed_precision bf16 instead of fp16"
+            f"newer is written (last good file: {self._last_good_file()}). {NON_FINITE_ADVICE}"
         )
 
     def _step_logs(self, micro_losses, group_losses, optimizer, result) -> dict[str, float]:
-        opt = self.config.optimizer
         logs = {
             "loss": sum(micro_losses) / len(micro_losses),
-            **lr_logs(optimizer.param_groups, opt.unet_lr if opt.unet_lr is not None else opt.learning_rate),
+            **lr_logs(optimizer.param_groups, self.config.optimizer.unet_learning_rate),
             "timestep": float(result.timestep),
             "denoise_steps": float(result.denoise_steps),
         }
@@ -429,11 +432,8 @@ class Trainer:
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
         if self._any_rank(not bool(torch.isfinite(loss.detach()).all())):
-            kept = self.files[-1].name if self.files else "no checkpoint yet"
-            raise NonFiniteLoss(
-                f"the loss became NaN/inf at step {step + 1}; stopping without saving (last good file: {kept}). "
-                "Try a lower --learning_rate, --max_grad_norm 1.0, or --mixed_precision bf16 instead of fp16"
-            )
+            raise NonFiniteLoss(f"the loss became NaN/inf at step {step + 1}; stopping without saving "
+                                f"(last good file: {self._last_good_file()}). {NON_FINITE_ADVICE}")
 
 
 def train(config: RunConfig) -> TrainResult:

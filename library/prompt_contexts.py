@@ -98,6 +98,16 @@ def _read_context_file(value: Any, base_dir: Path, where: Where) -> list[str]:
     return [check_context(line, key, where, f"{name} line {number}: ") for number, line in lines]
 
 
+def string_items(value: Any, key: str, hint: str, where: Where) -> list[str]:
+    """``value`` checked to be a non-empty array of strings (``hint`` ends the message: what they are for)."""
+    if not isinstance(value, list) or not value:
+        raise where.error(f"must be a non-empty array of strings{hint}", key)
+    for item in value:
+        if not isinstance(item, str):
+            raise where.error(f"must be an array of strings, got an item {item!r}", key)
+    return value
+
+
 def contexts_of(table: dict, base_dir: Path, where: Where) -> list[str] | None:
     """The contexts a table declares (``contexts`` then the file's lines, duplicates dropped), or None.
 
@@ -109,12 +119,7 @@ def contexts_of(table: dict, base_dir: Path, where: Where) -> list[str] | None:
         return None
     found: list[str] = []
     if "contexts" in table:
-        value = table["contexts"]
-        if not isinstance(value, list) or not value:
-            raise where.error("must be a non-empty array of strings, each with one '{}'", "contexts")
-        for item in value:
-            if not isinstance(item, str):
-                raise where.error(f"must be an array of strings, got an item {item!r}", "contexts")
+        for item in string_items(table["contexts"], "contexts", ", each with one '{}'", where):
             found.append(check_context(item, "contexts", where))
     if "context_prompt_file" in table:
         found += _read_context_file(table["context_prompt_file"], base_dir, where)
@@ -154,12 +159,7 @@ def anchors_of(entry: dict, defaults: dict, target: str | None, action: str, whe
     source = entry if "anchors" in entry else defaults
     anchors: list[str] = []
     if "anchors" in source:
-        value = source["anchors"]
-        if not isinstance(value, list) or not value:
-            raise where.error("must be a non-empty array of strings (prompts the LoRA must leave as they are)", "anchors")
-        for item in value:
-            if not isinstance(item, str):
-                raise where.error(f"must be an array of strings, got an item {item!r}", "anchors")
+        for item in string_items(source["anchors"], "anchors", " (prompts the LoRA must leave as they are)", where):
             if target is not None and item.strip() == target.strip():
                 raise where.error(f"anchor {item!r} is the entry's own target; the LoRA cannot both change and keep it", "anchors")
             anchors.append(item)

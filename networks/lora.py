@@ -50,6 +50,7 @@ from networks.sgm_names import LORA_PREFIX_UNET, canonical_weights, diffusers_to
 
 logger = logging.getLogger(__name__)
 
+
 class LoRAModule(nn.Module):
     """A low-rank update ``up @ down`` added to one Linear or Conv2d.
 

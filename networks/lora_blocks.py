@@ -348,18 +348,25 @@ def parse_block_settings(kwargs: dict[str, Any], layout: BlockLayout, network_di
     return BlockSettings(layout, dims, alphas, conv_dims, conv_alphas, lr_weights)
 
 
+def float_arg(kwargs: dict, key: str) -> float | None:
+    """A ``--network_args`` number (None when absent or empty)."""
+    value = kwargs.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--network_args {key}={value}: must be a number") from None
+
+
 def parse_loraplus_ratio(kwargs: dict[str, Any]) -> float | None:
     """LoRA+ ratio: ``loraplus_unet_lr_ratio`` wins over ``loraplus_lr_ratio`` (as sd-scripts)."""
-    for key in ("loraplus_unet_lr_ratio", "loraplus_lr_ratio"):
-        text = kwargs.get(key)
-        if text in (None, ""):
+    for key in reversed(LORAPLUS_KEYS):
+        value = float_arg(kwargs, key)
+        if value is None:
             continue
-        try:
-            value = float(text)
-        except (TypeError, ValueError):
-            raise ValueError(f"--network_args {key}={text}: must be a number") from None
         if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"--network_args {key}={text}: must be a number > 0 (16 is the LoRA+ paper's choice)")
+            raise ValueError(f"--network_args {key}={kwargs[key]}: must be a number > 0 (16 is the LoRA+ paper's choice)")
         return value
     return None
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from networks.lora_blocks import BLOCK_ARG_KEYS, validate_block_args
+from networks.lora_blocks import BLOCK_ARG_KEYS, LORAPLUS_KEYS, float_arg, validate_block_args
 from networks.sgm_names import lora_name_for
 
 TRANSFORMER_CLASSES = ("Transformer2DModel",)
@@ -18,7 +18,7 @@ RESNET_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TRAIN_METHODS = ("full", "xattn", "xattn_strict", "selfattn", "noxattn")
 NETWORK_ARG_KEYS = (
     "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "train_method", "include", "exclude",
-    "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "dropout", *BLOCK_ARG_KEYS,
+    *LORAPLUS_KEYS, "dropout", *BLOCK_ARG_KEYS,
 )
 
 
@@ -83,16 +83,6 @@ def find_target_modules(
     if exclude:
         found = [item for item in found if not re.search(exclude, item[0])]
     return found
-
-
-def float_arg(kwargs: dict, key: str) -> float | None:
-    value = kwargs.get(key)
-    if value is None or value == "":
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--network_args {key}={value}: must be a number") from None
 
 
 def validate_network_args(kwargs: dict[str, Any], family: str | None = None) -> str:

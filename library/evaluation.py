@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from library.errors import UserError
-from library.evaluation_metrics import _rate, erase_metrics, open_metrics
+from library.evaluation_metrics import _rate, erase_metrics, open_metrics, value_group
 from library.sampling import make_grid
 
 logger = logging.getLogger(__name__)
@@ -156,13 +156,19 @@ def prompt_sets(plan: EvalPlan) -> dict[str, list[str]]:
         full = scenes.full_prompts()
         groups: dict[str, list[str]] = {}
         for index, value in enumerate(plan.erased):
-            suffix = f"/{value}" if index else ""
-            groups[f"target{suffix}"] = [prompt for prompt in full if scenes.parse_prompt(prompt)[plan.attribute] == value]
-            groups[f"bare{suffix}"] = [value]
+            groups[value_group("target", index, value)] = [prompt for prompt in full
+                                                           if scenes.parse_prompt(prompt)[plan.attribute] == value]
+            groups[value_group("bare", index, value)] = [value]
         groups["others"] = [prompt for prompt in full if scenes.parse_prompt(prompt)[plan.attribute] not in plan.erased]
         return groups
     combos = {tuple(sorted((k, v) for k, v in combo.items() if k != plan.attribute)) for combo in scenes.all_attribute_combinations()}
     return {"open": sorted(scenes.make_prompt(dict(combo)) for combo in combos)}
+
+
+def unprompted_prompts(plan: EvalPlan) -> list[str]:
+    """The prompts that leave the erased value's attribute open: how often the base model draws the
+    value unasked is the floor an erase can bring it down to (``erased_to_chance``)."""
+    return prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
 
 
 SAMPLE_BATCH = 96
@@ -200,14 +206,23 @@ def load_pipeline(model: str | Path, lora: str | Path | None):
 def concept_samples(pipe, prompts: Sequence[str], seeds: Sequence[int], multiplier: float | None, steps: int,
                     guidance_scale: float) -> torch.Tensor:
     """Concept-world latents for every (prompt, seed) with the LoRA at ``multiplier`` (None: a pipeline without LoRA)."""
+    flat_prompts = [prompt for prompt in prompts for _ in seeds]
+    flat_seeds = [seed for _ in prompts for seed in seeds]
+    return paired_samples(pipe, flat_prompts, flat_seeds, multiplier, steps, guidance_scale)
+
+
+def paired_samples(pipe, prompts: Sequence[str], seeds: Sequence[int], multiplier: float | None, steps: int,
+                   guidance_scale: float, batch_size: int | None = None) -> torch.Tensor:
+    """Concept-world latents, one per ``(prompts[i], seeds[i])``, with the LoRA at ``multiplier`` (None: no
+    LoRA); ``batch_size`` samples per U-Net call (None: the sampler's default)."""
     from library.concept_world.sampling import sample_latents
 
     if multiplier is not None:
         pipe.set_adapters([ADAPTER], [multiplier])
-    flat_prompts = [prompt for prompt in prompts for _ in seeds]
-    flat_seeds = [seed for _ in prompts for seed in seeds]
-    return sample_latents(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, flat_prompts, flat_seeds,
-                          guidance_scale=guidance_scale, steps=steps)
+    options = {"guidance_scale": guidance_scale, "steps": steps}
+    if batch_size is not None:
+        options["batch_size"] = batch_size
+    return sample_latents(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, list(prompts), list(seeds), **options)
 
 
 def image_samples(pipe, prompts: Sequence[str], seed: int, multiplier: float, steps: int, guidance_scale: float,
@@ -266,7 +281,7 @@ def sample_concept_plan(pipe, plan: EvalPlan, options: EvalOptions, multipliers:
     """
     from library.concept_world import scenes
     from library.concept_world.classifier import classify_latents
-    from library.concept_world.sampling import latents_to_rgb, sample_latents
+    from library.concept_world.sampling import latents_to_rgb
 
     groups = prompt_sets(plan)
     first_group = next(iter(groups))
@@ -276,7 +291,7 @@ def sample_concept_plan(pipe, plan: EvalPlan, options: EvalOptions, multipliers:
         # bare rates count at 0 and 1 (efficacy); a negative weight only shows in the grid
         named = {name: prompts for name, prompts in groups.items() if multiplier >= 0 or not name.startswith("bare")}
         if plan.mode == "erase" and multiplier == 0.0:
-            named["unprompted"] = prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
+            named["unprompted"] = unprompted_prompts(plan)
         flat_prompts: list[str] = []
         flat_seeds: list[int] = []
         spans: dict[str, tuple[int, int, int]] = {}
@@ -286,9 +301,7 @@ def sample_concept_plan(pipe, plan: EvalPlan, options: EvalOptions, multipliers:
             flat_prompts += [prompt for prompt in prompts for _ in seeds]
             flat_seeds += [seed for _ in prompts for seed in seeds]
             spans[name] = (start, len(flat_prompts), len(seeds))
-        pipe.set_adapters([ADAPTER], [multiplier])
-        latents = sample_latents(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, flat_prompts, flat_seeds,
-                                 guidance_scale=options.guidance_scale, steps=options.steps, batch_size=SAMPLE_BATCH)
+        latents = paired_samples(pipe, flat_prompts, flat_seeds, multiplier, options.steps, options.guidance_scale, SAMPLE_BATCH)
         predicted = classify_latents(latents)
         samples.results[multiplier] = {}
         for name, (start, end, seed_count) in spans.items():
@@ -382,8 +395,7 @@ def evaluate_merged_model(model: str | Path, lora: str | Path, merged: str | Pat
         if name == first_group:
             columns = {key: latents_to_rgb(value[:: len(seeds)][: len(grid_prompts)]) for key, value in latents.items()}
     if plan.mode == "erase":
-        unprompted = prompt_sets(EvalPlan("enhance", plan.attribute, plan.value))["open"]
-        open_latents = concept_samples(with_lora, unprompted, seeds, 0.0, options.steps, options.guidance_scale)
+        open_latents = concept_samples(with_lora, unprompted_prompts(plan), seeds, 0.0, options.steps, options.guidance_scale)
         rate = _rate(classify_latents(open_latents), plan.attribute, plan.value)
 
         def score(variant):

@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     from library.evaluation import EvalPlan
 
 
+def value_group(kind: str, index: int, value: str) -> str:
+    """The prompt-set name of erased value ``index``: ``target`` / ``bare`` for the first, ``target/blue``
+    / ``bare/blue`` for the others (:func:`library.evaluation.prompt_sets`)."""
+    return f"{kind}/{value}" if index else kind
+
 
 def _rate(predicted: Sequence[dict], attribute: str, value: str) -> float:
     return sum(item[attribute] == value for item in predicted) / max(len(predicted), 1)
@@ -70,10 +75,10 @@ def erase_metrics(plan: EvalPlan, results: dict[float, dict[str, tuple[list, lis
         if plan.also_erased:
             row["values"] = {}
             for index, value in enumerate(plan.erased):
-                suffix = f"/{value}" if index else ""
-                row["values"][value] = {"target_rate": round(_rate(groups[f"target{suffix}"][0], plan.attribute, value), 4)}
-                if f"bare{suffix}" in groups:
-                    row["values"][value]["bare_rate"] = round(_rate(groups[f"bare{suffix}"][0], plan.attribute, value), 4)
+                target, bare = value_group("target", index, value), value_group("bare", index, value)
+                row["values"][value] = {"target_rate": round(_rate(groups[target][0], plan.attribute, value), 4)}
+                if bare in groups:
+                    row["values"][value]["bare_rate"] = round(_rate(groups[bare][0], plan.attribute, value), 4)
         per[multiplier] = row
     base, on = per.get(0.0), per.get(1.0)
     summary: dict = {}

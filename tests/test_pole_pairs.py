@@ -11,17 +11,9 @@ from library import pole_pairs
 from library.config import LecoConfig
 from library.pole_pairs import pair_loss, pole_partners
 from library.prompts import parse_prompt_text
-from tests.test_trajectories import UNetCalls, make_persistent
+from tests.test_trajectories import PERSISTENT_SLIDER, UNetCalls, make_persistent
 
-TWO_POLES = """
-resolution = 64
-batch_size = 2
-[[targets]]
-target_class = "girl"
-positive = "girl, long hair"
-negative = "girl, short hair"
-multiplier = 1.5
-"""
+TWO_POLES = PERSISTENT_SLIDER + "multiplier = 1.5\n"
 
 ONE_POLE = """
 resolution = 64

@@ -38,8 +38,7 @@ from library.prompts import PromptSetting  # noqa: E402
 from library.targets import build_target, per_sample_loss  # noqa: E402
 from library.text_encoding import Conditioning  # noqa: E402
 from library.trajectories import PersistentLecoStep  # noqa: E402
-
-CACHE = ROOT / ".cache" / "benchmark"
+from tools.make_random_checkpoint import BENCHMARK_CACHE, ensure_random_checkpoint, ensure_tokenizer_cache  # noqa: E402
 
 
 class FixedKStep(LecoStep):
@@ -85,32 +84,6 @@ class LegacyLecoStep(FixedKStep):
         prediction = self._cfg_call(latents, timesteps, cond, uncond, 1.0)
         loss = per_sample_loss(prediction, target).mean() * setting.weight
         return StepResult(loss=loss, setting=setting, timestep=int(timestep), denoise_steps=k)
-
-
-def ensure_random_sd15() -> Path:
-    """A random-weight SD 1.5-architecture single file (fp16, no VAE), built once into .cache/."""
-    from library.ldm_convert import save_single_file
-    from library.models import CONFIG_ROOT
-    from tools.make_random_checkpoint import build_random_models
-
-    path = CACHE / "sd15_random_fp16.safetensors"
-    if not path.exists():
-        models = build_random_models(CONFIG_ROOT / "sd15", "sd1", dtype=torch.float16, with_vae=False)
-        save_single_file(path, kind="sd1", **models)
-    return path
-
-
-def ensure_tokenizer_cache() -> Path:
-    """A CLIP-shaped tokenizer saved as openai/clip-vit-large-patch14 (token ids < 49408, fine for timing)."""
-    from transformers import CLIPTokenizer
-
-    from library.tiny_clip import write_clip_tokenizer
-
-    folder = CACHE / "tokenizers" / "openai_clip-vit-large-patch14"
-    if not folder.exists():
-        source = write_clip_tokenizer(CACHE / "tokenizer_source", ["van", "gogh", "painting", "photo"])
-        CLIPTokenizer.from_pretrained(str(source), model_max_length=77).save_pretrained(str(folder))
-    return folder.parent
 
 
 def _reset_peak_rss() -> None:
@@ -302,12 +275,12 @@ def main(argv=None) -> dict:
     if args.tiny:
         from tests.tiny_models import save_tiny_sd
 
-        folder = CACHE / "tiny_sd"
+        folder = BENCHMARK_CACHE / "tiny_sd"
         if not folder.exists():
             save_tiny_sd(folder)
         args.model = folder
     elif args.model is None:
-        args.model = ensure_random_sd15()
+        args.model = ensure_random_checkpoint("sd15")
         args.tokenizer_cache_dir = args.tokenizer_cache_dir or ensure_tokenizer_cache()
     if args.compare:
         rows = compare(args)

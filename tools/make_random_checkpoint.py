@@ -115,6 +115,41 @@ def write_streaming_checkpoint(path: Path, config_dir: Path, kind: str, dtype: t
     return path
 
 
+BENCHMARK_CACHE = ROOT / ".cache" / "benchmark"
+"""Where the measurement tools keep what they build once (random checkpoints, tokenizers, the tiny model)."""
+
+
+def ensure_random_checkpoint(kind: str) -> Path:
+    """A random-weight, real-size fp16 single file (no VAE) of SD 1.5 (``"sd15"``) or SDXL (``"sdxl"``),
+    built once into ``BENCHMARK_CACHE``."""
+    from library.ldm_convert import save_single_file
+    from library.models import CONFIG_ROOT
+
+    config, layout = {"sd15": ("sd15", "sd1"), "sdxl": ("sdxl_base", "sdxl")}[kind]
+    path = BENCHMARK_CACHE / f"{kind}_random_fp16.safetensors"
+    if not path.exists():
+        models = build_random_models(CONFIG_ROOT / config, layout, dtype=torch.float16, with_vae=False)
+        save_single_file(path, kind=layout, **models)
+    return path
+
+
+def ensure_tokenizer_cache() -> Path:
+    """A ``--tokenizer_cache_dir`` for random single files: CLIP-shaped tokenizers saved under both hub ids
+    (SD 1.x's and SDXL's second encoder's); their token ids are valid for any CLIP, which is all timing needs."""
+    from transformers import CLIPTokenizer
+
+    from library.models import CLIP_BIG_G, CLIP_L
+    from library.tiny_clip import write_clip_tokenizer
+
+    root = BENCHMARK_CACHE / "tokenizers"
+    for hub_id in (CLIP_L, CLIP_BIG_G):
+        folder = root / hub_id.replace("/", "_")
+        if not folder.exists():
+            source = write_clip_tokenizer(BENCHMARK_CACHE / "tokenizer_source", ["van", "gogh", "painting", "photo"])
+            CLIPTokenizer.from_pretrained(str(source), model_max_length=77).save_pretrained(str(folder))
+    return root
+
+
 def _peak_rss_gib() -> float:
     """Peak resident set size of this process so far, in GiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux

@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CACHE = ROOT / ".cache" / "benchmark"
 FIELDS = ("RssAnon", "RssFile", "VmRSS")
 
 
@@ -91,38 +90,6 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         return False
-
-
-def ensure_random_checkpoint(kind: str) -> Path:
-    """A random-weight, real-size fp16 single file (no VAE) of SD 1.5 or SDXL, built once into .cache/."""
-    import torch
-
-    from library.ldm_convert import save_single_file
-    from library.models import CONFIG_ROOT
-    from tools.make_random_checkpoint import build_random_models
-
-    config, layout = {"sd15": ("sd15", "sd1"), "sdxl": ("sdxl_base", "sdxl")}[kind]
-    path = CACHE / f"{kind}_random_fp16.safetensors"
-    if not path.exists():
-        models = build_random_models(CONFIG_ROOT / config, layout, dtype=torch.float16, with_vae=False)
-        save_single_file(path, kind=layout, **models)
-    return path
-
-
-def ensure_tokenizer_cache() -> Path:
-    """CLIP-shaped tokenizers saved under both hub ids single files need (token ids are valid for any CLIP)."""
-    from transformers import CLIPTokenizer
-
-    from library.models import CLIP_BIG_G, CLIP_L
-    from library.tiny_clip import write_clip_tokenizer
-
-    root = CACHE / "tokenizers"
-    for hub_id in (CLIP_L, CLIP_BIG_G):
-        folder = root / hub_id.replace("/", "_")
-        if not folder.exists():
-            source = write_clip_tokenizer(CACHE / "tokenizer_source", ["van", "gogh", "painting", "photo"])
-            CLIPTokenizer.from_pretrained(str(source), model_max_length=77).save_pretrained(str(folder))
-    return root
 
 
 def profile_training(args, model: Path, tokenizers: Path | None) -> dict:
@@ -191,6 +158,8 @@ def main(argv=None) -> dict:
     if not (args.kind or args.model):
         parser.error("give --kind or --model")
     args.family = args.family or ("sdxl" if args.kind == "sdxl" else "sd")
+    from tools.make_random_checkpoint import ensure_random_checkpoint, ensure_tokenizer_cache
+
     model = args.model or ensure_random_checkpoint(args.kind)
     tokenizers = args.tokenizer_cache_dir or (ensure_tokenizer_cache() if model.is_file() else None)
     start = time.perf_counter()

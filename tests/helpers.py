@@ -184,3 +184,17 @@ def load_lora_into_pipeline(pipe, path: Path, adapter_name: str = "leco", text_e
                  if f".{adapter_name}." in f"{name}." and (".lora_A." in name or ".lora_B." in name))
     in_file = sum(value.numel() for key, value in tensors.items() if key.endswith(("lora_down.weight", "lora_up.weight")))
     assert loaded == in_file, (loaded, in_file)
+
+
+def unet_inputs(unet) -> tuple[tuple, dict]:
+    """Seeded random inputs for one call of a (tiny) U-Net, ``unet(*args, **kwargs)``: batch 2, 8x8
+    latents at timesteps 10 and 500, random text context, and SDXL's pooled embedding and time ids."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=generator),
+                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    return (sample, torch.tensor([10, 500]), context), kwargs

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tests import tiny_models
+from tests.helpers import unet_inputs
 
 KINDS = ("sd1", "sd2v", "sdxl")
 CHECKPOINT_KIND = {"sd1": "sd1", "sd2v": "sd2", "sdxl": "sdxl"}
@@ -94,18 +95,6 @@ def random_text_lora(folder: Path, generator: torch.Generator, dim: int, alpha: 
                 state[f"{name}.lora_up.weight"] = torch.randn(module.out_features, dim, generator=generator) * 0.1
                 state[f"{name}.alpha"] = torch.tensor(alpha)
     return state
-
-
-def unet_inputs(unet) -> tuple[tuple, dict]:
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 8, 8, generator=generator)
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
-    kwargs = {}
-    if unet.config.addition_embed_type == "text_time":
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=generator),
-                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-    return (sample, torch.tensor([10, 500]), context), kwargs
 
 
 def unet_output(unet) -> torch.Tensor:

@@ -23,6 +23,7 @@ from library.single_file import (
     load_single_file_vae,
     read_checkpoint_keys,
 )
+from tests.helpers import unet_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "library" / "model_configs"
@@ -85,20 +86,6 @@ def exported(tiny_sd_dir, tiny_sd2_dir, tiny_sdxl_dir, tmp_path_factory):
     return get
 
 
-def _unet_inputs(unet: UNet2DConditionModel) -> tuple[tuple, dict]:
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 8, 8, generator=generator)
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
-    kwargs = {}
-    if unet.config.addition_embed_type == "text_time":
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(2, pooled, generator=generator),
-            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
-        }
-    return (sample, torch.tensor([10, 500]), context), kwargs
-
-
 def _assert_same_module(original: torch.nn.Module, loaded: torch.nn.Module) -> None:
     """Weights must be bit-identical (parameters only; buffers may differ in persistence)."""
     expected = dict(original.named_parameters())
@@ -113,7 +100,7 @@ def _assert_same_outputs(kind: str, folder: Path, original: dict, loaded: dict) 
     # Weights are identical; outputs can differ by ~1e-6 only because memory-mapped safetensors
     # tensors have a different alignment, which changes the CPU kernels' summation order.
     _assert_same_module(original["unet"], loaded["unet"])
-    args, kwargs = _unet_inputs(original["unet"])
+    args, kwargs = unet_inputs(original["unet"])
     with torch.no_grad():
         expected = original["unet"](*args, **kwargs).sample
         actual = loaded["unet"](*args, **kwargs).sample
